@@ -1,0 +1,181 @@
+"""Command line: ``policyd serve``, ``policyd check-config``, ``policyd explain``.
+
+Exit codes (the only module that sets them):
+
+- 0: success (``serve`` stopped by SIGTERM/SIGINT; a valid configuration; a decision explained)
+- 1: the configuration is invalid or unreadable (nothing was started)
+- 2: usage error (bad arguments, a malformed request given to ``explain``)
+- 3: ``serve`` could not listen on a configured address
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from policyd import __version__
+from policyd.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_LISTEN = 3
+
+DEFAULT_CONFIG = "/etc/policyd/policyd.yaml"
+
+log = logging.getLogger("policyd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="policyd", description="Relay-control policy service for Postfix."
+    )
+    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--config",
+            "-c",
+            default=DEFAULT_CONFIG,
+            metavar="FILE",
+            help=f"the YAML configuration (default: {DEFAULT_CONFIG})",
+        )
+        return sub
+
+    serve = add("serve", "Run the policy service in the foreground, logging to stderr.")
+    serve.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="log every decision (default: only denials and errors)",
+    )
+    serve.add_argument("--debug", action="store_true", help="debug logging (implies --verbose)")
+    add("check-config", "Validate the configuration, print a summary, exit non-zero on error.")
+    explain = add(
+        "explain",
+        "Decide one request and print the reply, verdict, rule and outbound profile. "
+        "Attributes as name=value arguments, or a Postfix-format request on stdin.",
+    )
+    explain.add_argument(
+        "attributes",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help="request attributes, e.g. client_address=192.0.2.7 recipient=user@example.org "
+        "(protocol_state defaults to RCPT)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args.config, verbose=args.verbose or args.debug, debug=args.debug)
+    if args.command == "check-config":
+        return check_config(args.config, sys.stdout, sys.stderr)
+    return explain(args.config, args.attributes, sys.stdin, sys.stdout, sys.stderr)
+
+
+def _load(path: str, err: TextIO) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"policyd: configuration error: {error}", file=err)
+        return None
+
+
+def check_config(path: str, out: TextIO, err: TextIO) -> int:
+    """``policyd check-config``."""
+    config = _load(path, err)
+    if config is None:
+        return EXIT_CONFIG
+    print(config.summary(), file=out)
+    return EXIT_OK
+
+
+def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    """``policyd explain``: decide one request without any network."""
+    from policyd.decision import decide
+    from policyd.request import PolicyRequest
+
+    config = _load(path, err)
+    if config is None:
+        return EXIT_CONFIG
+    attributes = {"request": "smtpd_access_policy", "protocol_state": "RCPT"}
+    lines: list[str] = list(arguments)
+    if not lines and not stdin.isatty():
+        lines = [line.rstrip("\r\n") for line in stdin]
+        lines = lines[: lines.index("")] if "" in lines else lines
+    for item in lines:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"policyd: not a name=value attribute: {item!r}", file=err)
+            return EXIT_USAGE
+        attributes[name] = value
+    request = PolicyRequest.from_attributes(attributes)
+    decision = decide(config, request)
+    print(f"action: {decision.action}", file=out)
+    print(f"verdict: {decision.verdict.value}", file=out)
+    print(f"rule: {decision.rule.value}", file=out)
+    print(f"destination: {decision.destination or '-'}", file=out)
+    if decision.warn_only:
+        print("mode: warn (would be denied in enforce mode)", file=out)
+    return EXIT_OK
+
+
+def setup_logging(verbose: bool, debug: bool, stream: TextIO) -> None:
+    """Log to ``stream`` one line per event; route Twisted's own log to the same place."""
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("twisted").setLevel(logging.DEBUG if debug else logging.WARNING)
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    del verbose  # verbosity selects which decisions are logged, not the level
+
+
+def serve(path: str, *, verbose: bool, debug: bool) -> int:
+    """``policyd serve``: run until SIGTERM/SIGINT; SIGHUP reloads."""
+    setup_logging(verbose, debug, sys.stderr)
+    config = _load(path, sys.stderr)
+    if config is None:
+        return EXIT_CONFIG
+
+    from prometheus_client import CollectorRegistry
+    from twisted.internet import reactor as _reactor
+
+    from policyd.metrics import Metrics
+    from policyd.service import PolicyService
+
+    reactor: Any = _reactor
+
+    service = PolicyService(
+        path, config, reactor, Metrics(CollectorRegistry()), log_all_decisions=verbose
+    )
+    started = service.start()
+    failures: list[Any] = []
+    started.addErrback(failures.append)
+    if failures:
+        print(f"policyd: cannot listen: {failures[0].getErrorMessage()}", file=sys.stderr)
+        return EXIT_LISTEN
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reload)
+
+    signal.signal(signal.SIGHUP, on_hup)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stop)
+    log.info("policyd %s serving %s (mode %s)", __version__, path, config.mode)
+    reactor.run()
+    return EXIT_OK

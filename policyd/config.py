@@ -1,0 +1,652 @@
+"""The YAML configuration: parsed, validated strictly and compiled into a frozen ``Config``.
+
+Every error names the key path and the line it came from, so an administrator can go straight to
+it: ``relay.allow.client_networks[2]: '10.0.0.0/33' is not a network (policyd.yaml:14)``.
+Unknown keys are errors: a typo must never silently change who may relay. Lists of networks and
+domains are compiled here into lookup structures, so a decision never scans a list.
+
+No Twisted here: this module reads files and builds values, nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from policyd.address import DomainError, DomainSet
+from policyd.networks import (
+    EntryError,
+    IPNetwork,
+    NetworkSet,
+    ServerAddressSet,
+    parse_network,
+    parse_server_address,
+)
+
+T = TypeVar("T")
+
+Mode = Literal["enforce", "warn"]
+AuthKind = Literal["none", "cleartext", "ntlm"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used. ``str()`` is the whole operator-facing message."""
+
+    def __init__(self, path: str, message: str, source: str | None = None) -> None:
+        self.path = path
+        self.message = message
+        self.source = source
+        text = f"{path}: {message}" if path else message
+        super().__init__(f"{text} ({source})" if source else text)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A listening address in Postfix notation: ``inet:HOST:PORT`` or ``unix:/path``."""
+
+    kind: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"inet:{host}:{self.port}"
+
+    @property
+    def is_ipv6(self) -> bool:
+        """True for an ``inet:`` endpoint on an IPv6 address."""
+        return self.kind == "inet" and ":" in self.host
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """The ``listen`` section."""
+
+    policy: Endpoint
+    socketmap: Endpoint | None = None
+    metrics: Endpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replies:
+    """The ``replies`` section: the Postfix actions sent for each verdict."""
+
+    denied: str = "550 5.7.1 Relaying Denied"
+    allowed: str = "OK"
+    local: str = "DUNNO"
+    error: str = "451 4.3.0 Relay policy temporarily unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ``limits`` section: protection against broken or hostile policy clients."""
+
+    max_line_bytes: int = 16384
+    max_request_bytes: int = 65536
+    max_attributes: int = 100
+    request_timeout_seconds: float = 30.0
+    idle_timeout_seconds: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRules:
+    """The ``relay`` section, compiled."""
+
+    allow_authenticated: bool = False
+    allow_client_networks: NetworkSet = field(default_factory=lambda: NetworkSet(()))
+    allow_server_addresses: ServerAddressSet = field(default_factory=lambda: ServerAddressSet(()))
+    never_client_networks: NetworkSet = field(default_factory=lambda: NetworkSet(()))
+    never_sasl_usernames: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundProfile:
+    """One outbound authentication profile (``outbound.default`` or a domain override).
+
+    The password itself is not kept here: only where it comes from.
+    """
+
+    auth: AuthKind = "none"
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    nexthop: str = ""
+    allow_plaintext: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """The ``outbound`` section (validated; served by the socketmap tables)."""
+
+    default: OutboundProfile = OutboundProfile()
+    domains: tuple[tuple[str, OutboundProfile], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A complete, validated configuration. Immutable: a reload builds a new one."""
+
+    source: str
+    listen: Listen
+    mode: Mode
+    local_domains: DomainSet
+    relay: RelayRules
+    replies: Replies
+    limits: Limits
+    outbound: Outbound
+    file_lists: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """A short multi-line description for ``check-config`` and the reload log."""
+        relay = self.relay
+        lines = [
+            f"configuration {self.source} is valid",
+            f"  listen.policy: {self.listen.policy}",
+            f"  listen.socketmap: {self.listen.socketmap or '-'}",
+            f"  listen.metrics: {self.listen.metrics or '-'}",
+            f"  mode: {self.mode}",
+            f"  local_domains: {len(self.local_domains)} entries",
+            f"  relay.allow.authenticated: {'true' if relay.allow_authenticated else 'false'}",
+            f"  relay.allow.client_networks: {len(relay.allow_client_networks)} networks",
+            f"  relay.allow.server_addresses: {len(relay.allow_server_addresses)} entries",
+            f"  relay.never.client_networks: {len(relay.never_client_networks)} networks",
+            f"  relay.never.sasl_usernames: {len(relay.never_sasl_usernames)} names",
+            f"  outbound: default auth {self.outbound.default.auth}, "
+            f"{len(self.outbound.domains)} domain overrides",
+        ]
+        if self.file_lists:
+            lines.append(f"  file lists: {', '.join(self.file_lists)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and compile the configuration file at ``path``.
+
+    Raises ``ConfigError`` for anything wrong, naming the key path and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError("", f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not valid UTF-8") from None
+    return parse_config(text, source=str(path), base_dir=path.parent)
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate and compile configuration ``text``; ``file:`` paths resolve against base_dir."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{Path(source).name}:{mark.line + 1}" if mark else source
+        raise ConfigError("", f"YAML syntax error: {err.problem or err}", where) from None
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"YAML error: {err}", source) from None
+    return _Builder(source, base_dir or Path.cwd()).build(root)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+_ENDPOINT_INET = re.compile(
+    r"^inet:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$"
+)
+
+# Actions Postfix accepts, by what they do. The word is case-insensitive (access(5)).
+_REJECT_CODE = re.compile(
+    r"^(?P<code>[45]\d\d)(?: (?P<dsn>[45]\.\d{1,3}\.\d{1,3}))? (?P<text>\S.*)$"
+)
+
+
+class _Builder:
+    """Walks the composed YAML node tree, remembering each node's line for error messages."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.name = Path(source).name
+        self.base_dir = base_dir
+        self.file_lists: list[str] = []
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def error(self, path: str, node: Node | None, message: str) -> ConfigError:
+        where = f"{self.name}:{node.start_mark.line + 1}" if node is not None else self.name
+        return ConfigError(path, message, where)
+
+    def mapping(
+        self, node: Node, path: str, allowed: tuple[str, ...]
+    ) -> dict[str, tuple[ScalarNode, Node]]:
+        if not isinstance(node, MappingNode):
+            raise self.error(path or "(top level)", node, "expected a mapping")
+        result: dict[str, tuple[ScalarNode, Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                raise self.error(path or "(top level)", key_node, "keys must be plain strings")
+            key = key_node.value
+            sub = f"{path}.{key}" if path else key
+            if key in result:
+                raise self.error(sub, key_node, "duplicate key")
+            if key not in allowed:
+                raise self.error(
+                    sub, key_node, f"unknown key (expected one of: {', '.join(allowed)})"
+                )
+            result[key] = (key_node, value_node)
+        return result
+
+    def scalar(self, node: Node, path: str) -> object:
+        if not isinstance(node, ScalarNode):
+            raise self.error(path, node, "expected a single value, not a list or mapping")
+        return yaml.SafeLoader("").construct_object(node)
+
+    def string(self, node: Node, path: str, *, allow_empty: bool = False) -> str:
+        value = self.scalar(node, path)
+        if not isinstance(value, str):
+            raise self.error(path, node, f"expected a string, got {_describe(value)}")
+        if not allow_empty and not value.strip():
+            raise self.error(path, node, "must not be empty")
+        if any(c in value for c in "\n\r\0"):
+            raise self.error(path, node, "must not contain newlines or NUL characters")
+        return value
+
+    def boolean(self, node: Node, path: str) -> bool:
+        value = self.scalar(node, path)
+        if not isinstance(value, bool):
+            raise self.error(path, node, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def number(self, node: Node, path: str, low: float, high: float) -> float:
+        value = self.scalar(node, path)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(path, node, f"expected a number, got {_describe(value)}")
+        if not low <= value <= high:
+            raise self.error(path, node, f"must be between {low:g} and {high:g}, got {value:g}")
+        return float(value)
+
+    def sequence(self, node: Node, path: str) -> list[Node]:
+        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return []
+        if not isinstance(node, SequenceNode):
+            raise self.error(path, node, "expected a list")
+        return list(node.value)
+
+    def entries(self, node: Node, path: str, parse: Callable[[str], T]) -> Iterator[T]:
+        """Parse each entry of a list; ``file:PATH`` entries expand to the file's lines."""
+        for index, item in enumerate(self.sequence(node, path)):
+            item_path = f"{path}[{index}]"
+            text = self.string(item, item_path).strip()
+            if text.startswith("file:"):
+                yield from self.file_entries(text[5:].strip(), item, item_path, parse)
+                continue
+            try:
+                yield parse(text)
+            except (EntryError, DomainError) as err:
+                raise self.error(item_path, item, str(err)) from None
+
+    def file_entries(
+        self, name: str, node: Node, path: str, parse: Callable[[str], T]
+    ) -> Iterator[T]:
+        if not name:
+            raise self.error(path, node, "'file:' needs a path")
+        file_path = Path(name)
+        if not file_path.is_absolute():
+            file_path = self.base_dir / file_path
+        try:
+            content = file_path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise self.error(
+                path, node, f"cannot read {file_path}: {err.strerror or err}"
+            ) from None
+        except UnicodeDecodeError:
+            raise self.error(path, node, f"{file_path} is not valid UTF-8") from None
+        self.file_lists.append(str(file_path))
+        for number, raw in enumerate(content.splitlines(), start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                yield parse(line)
+            except (EntryError, DomainError) as err:
+                raise ConfigError(path, str(err), f"{file_path}:{number}") from None
+
+    # -- sections ------------------------------------------------------------------------
+
+    def build(self, root: Node | None) -> Config:
+        if root is None:
+            raise ConfigError("", "the configuration is empty", self.name)
+        top = self.mapping(
+            root,
+            "",
+            ("listen", "mode", "local_domains", "relay", "replies", "limits", "outbound"),
+        )
+        if "listen" not in top:
+            raise self.error("listen", root, "missing (listen.policy is required)")
+        listen = self.listen(top["listen"][1])
+        mode: Mode = "enforce"
+        if "mode" in top:
+            value = self.string(top["mode"][1], "mode")
+            if value not in ("enforce", "warn"):
+                raise self.error("mode", top["mode"][1], f"must be enforce or warn, got {value!r}")
+            mode = "warn" if value == "warn" else "enforce"
+        local_domains = DomainSet(())
+        if "local_domains" in top:
+            node = top["local_domains"][1]
+            local_domains = DomainSet(self.entries(node, "local_domains", _domain_entry))
+        relay = self.relay(top["relay"][1]) if "relay" in top else RelayRules()
+        replies = self.replies(top["replies"][1]) if "replies" in top else Replies()
+        limits = self.limits(top["limits"][1]) if "limits" in top else Limits()
+        outbound = self.outbound(top["outbound"][1]) if "outbound" in top else Outbound()
+        return Config(
+            source=self.source,
+            listen=listen,
+            mode=mode,
+            local_domains=local_domains,
+            relay=relay,
+            replies=replies,
+            limits=limits,
+            outbound=outbound,
+            file_lists=tuple(self.file_lists),
+        )
+
+    def endpoint(self, node: Node, path: str) -> Endpoint:
+        text = self.string(node, path).strip()
+        if text.startswith("unix:"):
+            socket_path = text[5:]
+            if not socket_path.startswith("/"):
+                raise self.error(path, node, f"{text!r}: a unix socket path must be absolute")
+            return Endpoint("unix", path=socket_path)
+        match = _ENDPOINT_INET.match(text)
+        if match is None:
+            raise self.error(
+                path, node, f"{text!r} is not inet:HOST:PORT, inet:[IPv6]:PORT or unix:/path"
+            )
+        port = int(match["port"])
+        if not 0 < port < 65536:
+            raise self.error(path, node, f"{text!r}: port must be 1 to 65535")
+        host = match["v6"] or match["host"]
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(path, node, f"{text!r}: {host!r} is not an IP address") from None
+        if (address.version == 6) != (match["v6"] is not None):
+            raise self.error(
+                path, node, f"{text!r}: write IPv6 addresses in brackets, inet:[::1]:PORT"
+            )
+        host = address.compressed
+        return Endpoint("inet", host=host, port=port)
+
+    def listen(self, node: Node) -> Listen:
+        section = self.mapping(node, "listen", ("policy", "socketmap", "metrics"))
+        if "policy" not in section:
+            raise self.error("listen.policy", node, "missing (the policy listener is required)")
+        endpoints = {
+            key: self.endpoint(value, f"listen.{key}") for key, (_, value) in section.items()
+        }
+        seen: dict[str, str] = {}
+        for key, endpoint in endpoints.items():
+            if str(endpoint) in seen:
+                raise self.error(
+                    f"listen.{key}",
+                    section[key][1],
+                    f"same address as listen.{seen[str(endpoint)]}",
+                )
+            seen[str(endpoint)] = key
+        return Listen(
+            policy=endpoints["policy"],
+            socketmap=endpoints.get("socketmap"),
+            metrics=endpoints.get("metrics"),
+        )
+
+    def relay(self, node: Node) -> RelayRules:
+        section = self.mapping(node, "relay", ("allow", "never"))
+        allow_authenticated = False
+        allow_networks: list[IPNetwork] = []
+        server_addresses: list[tuple[IPNetwork, int | None]] = []
+        never_networks: list[IPNetwork] = []
+        never_users: set[str] = set()
+        if "allow" in section:
+            allow = self.mapping(
+                section["allow"][1],
+                "relay.allow",
+                ("authenticated", "client_networks", "server_addresses"),
+            )
+            if "authenticated" in allow:
+                allow_authenticated = self.boolean(
+                    allow["authenticated"][1], "relay.allow.authenticated"
+                )
+            if "client_networks" in allow:
+                allow_networks = list(
+                    self.entries(
+                        allow["client_networks"][1], "relay.allow.client_networks", parse_network
+                    )
+                )
+            if "server_addresses" in allow:
+                server_addresses = list(
+                    self.entries(
+                        allow["server_addresses"][1],
+                        "relay.allow.server_addresses",
+                        parse_server_address,
+                    )
+                )
+        if "never" in section:
+            never = self.mapping(
+                section["never"][1], "relay.never", ("client_networks", "sasl_usernames")
+            )
+            if "client_networks" in never:
+                never_networks = list(
+                    self.entries(
+                        never["client_networks"][1], "relay.never.client_networks", parse_network
+                    )
+                )
+            if "sasl_usernames" in never:
+                never_users = set(
+                    self.entries(
+                        never["sasl_usernames"][1], "relay.never.sasl_usernames", _sasl_username
+                    )
+                )
+        return RelayRules(
+            allow_authenticated=allow_authenticated,
+            allow_client_networks=NetworkSet(allow_networks),
+            allow_server_addresses=ServerAddressSet(server_addresses),
+            never_client_networks=NetworkSet(never_networks),
+            never_sasl_usernames=frozenset(never_users),
+        )
+
+    def replies(self, node: Node) -> Replies:
+        section = self.mapping(node, "replies", ("denied", "allowed", "local", "error"))
+        checks: dict[str, Callable[[str], str | None]] = {
+            "denied": _check_denied,
+            "allowed": _check_allowed,
+            "local": _check_local,
+            "error": _check_error,
+        }
+        values: dict[str, str] = {}
+        for key, (_, value_node) in section.items():
+            path = f"replies.{key}"
+            value = self.string(value_node, path).strip()
+            problem = checks[key](value)
+            if problem:
+                raise self.error(path, value_node, f"{value!r} {problem}")
+            values[key] = value
+        return Replies(**values)
+
+    def limits(self, node: Node) -> Limits:
+        bounds: dict[str, tuple[float, float, bool]] = {
+            "max_line_bytes": (512, 1 << 20, True),
+            "max_request_bytes": (1024, 16 << 20, True),
+            "max_attributes": (10, 10000, True),
+            "request_timeout_seconds": (1, 3600, False),
+            "idle_timeout_seconds": (1, 86400, False),
+        }
+        section = self.mapping(node, "limits", tuple(bounds))
+        values: dict[str, float] = {}
+        for key, (_, value_node) in section.items():
+            low, high, integral = bounds[key]
+            value = self.number(value_node, f"limits.{key}", low, high)
+            if integral and value != int(value):
+                raise self.error(f"limits.{key}", value_node, "must be a whole number")
+            values[key] = value
+        defaults = Limits()
+        limits = Limits(
+            max_line_bytes=int(values.get("max_line_bytes", defaults.max_line_bytes)),
+            max_request_bytes=int(values.get("max_request_bytes", defaults.max_request_bytes)),
+            max_attributes=int(values.get("max_attributes", defaults.max_attributes)),
+            request_timeout_seconds=values.get(
+                "request_timeout_seconds", defaults.request_timeout_seconds
+            ),
+            idle_timeout_seconds=values.get("idle_timeout_seconds", defaults.idle_timeout_seconds),
+        )
+        if limits.max_request_bytes < limits.max_line_bytes:
+            raise self.error(
+                "limits.max_request_bytes", node, "must not be smaller than limits.max_line_bytes"
+            )
+        return limits
+
+    def outbound(self, node: Node) -> Outbound:
+        section = self.mapping(node, "outbound", ("default", "domains"))
+        default = OutboundProfile()
+        if "default" in section:
+            default = self.profile(section["default"][1], "outbound.default", is_default=True)
+        domains: list[tuple[str, OutboundProfile]] = []
+        if "domains" in section:
+            domains_node = section["domains"][1]
+            if not isinstance(domains_node, MappingNode):
+                raise self.error("outbound.domains", domains_node, "expected a mapping")
+            seen: dict[str, str] = {}
+            for key_node, value_node in domains_node.value:
+                raw = self.string(key_node, "outbound.domains")
+                path = f"outbound.domains.{raw}"
+                try:
+                    domain = _domain_entry(raw)
+                except DomainError as err:
+                    raise self.error(path, key_node, str(err)) from None
+                if domain in seen:
+                    raise self.error(
+                        path, key_node, f"same domain as outbound.domains.{seen[domain]}"
+                    )
+                seen[domain] = raw
+                domains.append((domain, self.profile(value_node, path, is_default=False)))
+        return Outbound(default=default, domains=tuple(domains))
+
+    def profile(self, node: Node, path: str, *, is_default: bool) -> OutboundProfile:
+        section = self.mapping(
+            node,
+            path,
+            ("auth", "username", "password_file", "password_env", "nexthop", "allow_plaintext"),
+        )
+        if "auth" not in section:
+            raise self.error(f"{path}.auth", node, "missing (none, cleartext or ntlm)")
+        auth = self.string(section["auth"][1], f"{path}.auth")
+        if auth not in ("none", "cleartext", "ntlm"):
+            raise self.error(
+                f"{path}.auth", section["auth"][1], f"{auth!r} is not none, cleartext or ntlm"
+            )
+        values = {
+            key: self.string(section[key][1], f"{path}.{key}")
+            for key in ("username", "password_file", "password_env", "nexthop")
+            if key in section
+        }
+        allow_plaintext = (
+            self.boolean(section["allow_plaintext"][1], f"{path}.allow_plaintext")
+            if "allow_plaintext" in section
+            else False
+        )
+        kind: AuthKind = (
+            "none" if auth == "none" else "cleartext" if auth == "cleartext" else "ntlm"
+        )
+        if kind == "none":
+            for key in ("username", "password_file", "password_env"):
+                if key in values:
+                    raise self.error(f"{path}.{key}", section[key][1], "not used with auth: none")
+        else:
+            if "username" not in values:
+                raise self.error(f"{path}.username", node, f"missing (required for auth: {kind})")
+            if ("password_file" in values) == ("password_env" in values):
+                raise self.error(
+                    f"{path}.password_file", node, "give exactly one of password_file, password_env"
+                )
+        return OutboundProfile(
+            auth=kind,
+            username=values.get("username", ""),
+            password_file=values.get("password_file", ""),
+            password_env=values.get("password_env", ""),
+            nexthop=values.get("nexthop", ""),
+            allow_plaintext=allow_plaintext,
+        )
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return type(value).__name__
+
+
+def _domain_entry(text: str) -> str:
+    """Validate a domain list entry; ``DomainSet`` does the normalising."""
+    DomainSet((text,))
+    return text
+
+
+def _sasl_username(text: str) -> str:
+    """SASL names in the never-list match case-insensitively: the stricter choice."""
+    return text.casefold()
+
+
+# Reply checks: each returns None when the action is acceptable for that verdict, else a reason.
+
+
+def _check_denied(action: str) -> str | None:
+    match = _REJECT_CODE.match(action)
+    if match:
+        if match["dsn"] and match["dsn"][0] != match["code"][0]:
+            return "has a DSN class that does not match its reply code"
+        return None
+    word = action.split(" ", 1)[0].upper()
+    if word in ("REJECT", "DEFER", "DEFER_IF_PERMIT"):
+        return None
+    return "is not a rejection (use '5NN X.Y.Z text', '4NN X.Y.Z text', REJECT or DEFER)"
+
+
+def _check_error(action: str) -> str | None:
+    match = _REJECT_CODE.match(action)
+    if match and match["code"].startswith("4"):
+        if match["dsn"] and not match["dsn"].startswith("4"):
+            return "has a DSN class that does not match its reply code"
+        return None
+    if action.split(" ", 1)[0].upper() == "DEFER":
+        return None
+    return "is not a temporary failure (use '4NN X.Y.Z text' or DEFER)"
+
+
+def _check_allowed(action: str) -> str | None:
+    if action.split(" ", 1)[0].upper() in ("OK", "RELAY", "PERMIT"):
+        return None
+    return "is not a permit (use OK)"
+
+
+def _check_local(action: str) -> str | None:
+    if action.split(" ", 1)[0].upper() in ("DUNNO", "OK"):
+        return None
+    return "must be DUNNO (recommended) or OK"

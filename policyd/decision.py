@@ -1,0 +1,94 @@
+"""The relay decision: a pure function from a configuration and a request to a ``Decision``.
+
+The order is PRODUCT.md §1: requests outside RCPT/VRFY are skipped; local recipients are not
+relaying; then the never-lists, authenticated clients, client networks, server addresses, and
+finally the default denial. Each ``Decision`` carries the rule that made it, as a key path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from policyd.address import resolve_destination
+from policyd.config import Config
+from policyd.request import RELAY_STATES, PolicyRequest
+
+
+class Verdict(StrEnum):
+    """What policyd concluded about one request."""
+
+    LOCAL = "local"
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+
+class Rule(StrEnum):
+    """The key path of the rule that decided, as it appears in logs, metrics and ``explain``."""
+
+    LOCAL_DOMAINS = "local_domains"
+    NEVER_CLIENT_NETWORKS = "relay.never.client_networks"
+    NEVER_SASL_USERNAMES = "relay.never.sasl_usernames"
+    ALLOW_AUTHENTICATED = "relay.allow.authenticated"
+    ALLOW_CLIENT_NETWORKS = "relay.allow.client_networks"
+    ALLOW_SERVER_ADDRESSES = "relay.allow.server_addresses"
+    DEFAULT = "relay.default"
+    PROTOCOL_STATE = "protocol_state"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one request.
+
+    ``action`` is what goes to Postfix after ``action=``; ``destination`` is the hop that made
+    the recipient local or a relay attempt (``None`` when there is none or it is unknown);
+    ``warn_only`` is true when ``mode: warn`` turned a denial into a WARN.
+    """
+
+    action: str
+    verdict: Verdict
+    rule: Rule
+    destination: str | None = None
+    warn_only: bool = False
+
+
+def decide(config: Config, request: PolicyRequest) -> Decision:
+    """Decide one request. Pure: no I/O, no clock, no mutable state."""
+    replies = config.replies
+    if request.protocol_state not in RELAY_STATES:
+        return Decision("DUNNO", Verdict.SKIPPED, Rule.PROTOCOL_STATE)
+
+    destination = resolve_destination(request.recipient, config.local_domains)
+    if destination.local:
+        return Decision(replies.local, Verdict.LOCAL, Rule.LOCAL_DOMAINS, destination.domain)
+
+    relay = config.relay
+    where = destination.domain
+    client_ip = request.client_ip
+
+    if client_ip is not None and client_ip in relay.never_client_networks:
+        return _deny(config, Rule.NEVER_CLIENT_NETWORKS, where)
+    if request.sasl_username and request.sasl_username.casefold() in relay.never_sasl_usernames:
+        return _deny(config, Rule.NEVER_SASL_USERNAMES, where)
+    if relay.allow_authenticated and request.sasl_username:
+        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_AUTHENTICATED, where)
+    if client_ip is not None and client_ip in relay.allow_client_networks:
+        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_CLIENT_NETWORKS, where)
+    if relay.allow_server_addresses.matches(request.server_ip, request.server_port):
+        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_SERVER_ADDRESSES, where)
+    return _deny(config, Rule.DEFAULT, where)
+
+
+def error_decision(config: Config) -> Decision:
+    """The decision used when deciding failed: a temporary failure, never a permit."""
+    return Decision(config.replies.error, Verdict.ERROR, Rule.INTERNAL_ERROR)
+
+
+def _deny(config: Config, rule: Rule, destination: str | None) -> Decision:
+    if config.mode == "warn":
+        action = f"WARN policyd would reject: {config.replies.denied}"
+        return Decision(action, Verdict.DENIED, rule, destination, warn_only=True)
+    return Decision(config.replies.denied, Verdict.DENIED, rule, destination)

@@ -1,0 +1,67 @@
+"""The policy request as policyd sees it: frozen, parsed once, free of bytes.
+
+Postfix sends ``name=value`` attributes (see SMTPD_POLICY_README); this module keeps the ones a
+relay decision needs, under Postfix's own names, with the addresses already parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policyd.networks import IPAddress, parse_client_address
+
+#: The states in which Postfix asks about a recipient; every other state is not a relay decision.
+RELAY_STATES = frozenset({"RCPT", "VRFY"})
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """One ``smtpd_access_policy`` request.
+
+    ``client_ip``/``server_ip`` are ``None`` when the attribute is absent or does not parse;
+    ``server_port`` is ``None`` when absent or not a port number. Text attributes are ``""`` when
+    absent, as Postfix sends them for empty values.
+    """
+
+    protocol_state: str = ""
+    client_address: str = ""
+    client_ip: IPAddress | None = None
+    server_address: str = ""
+    server_ip: IPAddress | None = None
+    server_port: int | None = None
+    sasl_username: str = ""
+    sender: str = ""
+    recipient: str = ""
+    queue_id: str = ""
+    instance: str = ""
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, str]) -> PolicyRequest:
+        """Build a request from decoded attributes; unknown attributes are ignored."""
+
+        def get(name: str) -> str:
+            return attributes.get(name, "")
+
+        client_address = get("client_address")
+        server_address = get("server_address")
+        return cls(
+            protocol_state=get("protocol_state").upper(),
+            client_address=client_address,
+            client_ip=parse_client_address(client_address),
+            server_address=server_address,
+            server_ip=parse_client_address(server_address),
+            server_port=_parse_port(get("server_port")),
+            sasl_username=get("sasl_username"),
+            sender=get("sender"),
+            recipient=get("recipient"),
+            queue_id=get("queue_id"),
+            instance=get("instance"),
+        )
+
+
+def _parse_port(text: str) -> int | None:
+    if not text.isascii() or not text.isdigit():
+        return None
+    port = int(text)
+    return port if 0 < port < 65536 else None

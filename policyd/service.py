@@ -1,0 +1,220 @@
+"""Wiring: listeners, the request handler, reload and shutdown. The only module using a reactor.
+
+The reactor is passed in; ``PolicyService`` holds the configuration in use as a single reference,
+so a reload is one assignment and a request always sees one whole configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client.twisted import MetricsResource
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+)
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from policyd.config import Config, ConfigError, Endpoint, load_config
+from policyd.decision import Decision, Verdict, decide, error_decision
+from policyd.metrics import Metrics
+from policyd.protocol import PolicyFactory
+from policyd.request import PolicyRequest
+
+log = logging.getLogger("policyd")
+decision_log = logging.getLogger("policyd.decision")
+
+#: How long SIGTERM waits for requests in flight before closing their connections.
+SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+class PolicyService:
+    """The running service: decides requests with the current configuration, reloads it."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        reactor: Any,
+        metrics: Metrics,
+        *,
+        log_all_decisions: bool = False,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.reactor = reactor
+        self.metrics = metrics
+        self.log_all_decisions = log_all_decisions
+        self.factory = PolicyFactory(
+            self.handle,
+            self.report_protocol_error,
+            config.limits,
+            reactor,
+            on_connections_changed=self.metrics.connections.labels(listener="policy").set,
+        )
+        self.ports: list[IListeningPort] = []
+        self.metrics.config_last_reload.set(time.time())
+
+    # -- requests --------------------------------------------------------------------------
+
+    def handle(self, attributes: Mapping[str, str]) -> str:
+        """Decide one request and record it. Never raises: a failure answers ``replies.error``."""
+        started = time.perf_counter()
+        config = self.config
+        request: PolicyRequest | None = None
+        try:
+            request = PolicyRequest.from_attributes(attributes)
+            decision = decide(config, request)
+        except Exception:
+            log.exception("internal error while deciding; answering replies.error")
+            decision = error_decision(config)
+        metrics = self.metrics
+        metrics.requests.inc()
+        metrics.decisions.labels(verdict=decision.verdict.value, rule=decision.rule.value).inc()
+        metrics.request_duration.observe(time.perf_counter() - started)
+        self.log_decision(attributes, decision)
+        return decision.action
+
+    def log_decision(self, attributes: Mapping[str, str], decision: Decision) -> None:
+        """One key=value line: denials and errors always, the rest with verbose logging."""
+        if decision.verdict is Verdict.ERROR:
+            level = logging.WARNING
+        elif decision.verdict is Verdict.DENIED or self.log_all_decisions:
+            level = logging.INFO
+        else:
+            return
+        if decision_log.isEnabledFor(level):
+            decision_log.log(level, "%s", format_decision(attributes, decision))
+
+    def report_protocol_error(self, reason: str, peer: str) -> None:
+        """Log and count a connection closed for bad input."""
+        self.metrics.protocol_errors.labels(reason=reason).inc()
+        log.warning("protocol_error reason=%s peer=%s action=close", reason, peer)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the file and its ``file:`` lists; swap in on success, keep the old on failure."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as err:
+            self.metrics.config_reloads.labels(result="failure").inc()
+            log.error("reload failed, keeping the running configuration: %s", err)
+            return False
+        except Exception:
+            self.metrics.config_reloads.labels(result="failure").inc()
+            log.exception("reload failed, keeping the running configuration")
+            return False
+        if config.listen != self.config.listen:
+            log.warning("reload: changes to listen take effect only at restart")
+        self.config = config
+        self.factory.limits = config.limits
+        self.metrics.config_reloads.labels(result="success").inc()
+        self.metrics.config_last_reload.set(time.time())
+        log.info("reload succeeded: %s", config.summary().replace("\n", ";"))
+        return True
+
+    # -- listeners -------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Listen on the policy (and metrics) endpoints. Fails if any cannot be bound."""
+        listen = self.config.listen
+        try:
+            port = yield server_endpoint(self.reactor, listen.policy).listen(self.factory)
+            self.ports.append(port)
+            log.info("policy listener on %s", listen.policy)
+            if listen.metrics is not None:
+                root = Resource()  # type: ignore[no-untyped-call]
+                root.putChild(
+                    b"metrics",
+                    MetricsResource(registry=self.metrics.registry),  # type: ignore[no-untyped-call]
+                )
+                site = Site(root)  # type: ignore[no-untyped-call]
+                site.noisy = False
+                site.log = lambda request: None  # type: ignore[method-assign]
+                port = yield server_endpoint(self.reactor, listen.metrics).listen(site)
+                self.ports.append(port)
+                log.info("metrics listener on %s (HTTP /metrics)", listen.metrics)
+        except Exception:
+            yield self.stop_listening()
+            raise
+
+    def stop_listening(self) -> defer.Deferred[Any]:
+        """Close every listening port."""
+        ports, self.ports = self.ports, []
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
+        )
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Stop accepting, answer requests in flight, close every connection."""
+        log.info("stopping: no new connections; answering requests in flight")
+        yield self.stop_listening()
+        yield self.factory.drain(SHUTDOWN_GRACE_SECONDS)
+        log.info("stopped")
+
+
+def server_endpoint(reactor: Any, endpoint: Endpoint) -> IStreamServerEndpoint:
+    """The Twisted server endpoint for a Postfix-notation listening address."""
+    if endpoint.kind == "unix":
+        return UNIXServerEndpoint(reactor, endpoint.path, mode=0o666, wantPID=True)  # type: ignore[no-untyped-call]
+    if endpoint.is_ipv6:
+        return TCP6ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
+    return TCP4ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
+
+
+def format_decision(attributes: Mapping[str, str], decision: Decision) -> str:
+    """The decision log line: key=value pairs, values quoted when they need it."""
+    fields = [
+        ("queue_id", attributes.get("queue_id", "")),
+        ("client", attributes.get("client_address", "")),
+        ("server", _server(attributes)),
+        ("sasl_username", attributes.get("sasl_username", "")),
+        ("sender", attributes.get("sender", "")),
+        ("recipient", attributes.get("recipient", "")),
+        ("state", attributes.get("protocol_state", "")),
+        ("verdict", decision.verdict.value),
+        ("rule", decision.rule.value),
+        ("action", decision.action),
+    ]
+    if decision.destination:
+        fields.append(("destination", decision.destination))
+    if decision.warn_only:
+        fields.append(("mode", "warn"))
+    return "decision " + " ".join(f"{key}={quote_value(value)}" for key, value in fields)
+
+
+def _server(attributes: Mapping[str, str]) -> str:
+    address = attributes.get("server_address", "")
+    port = attributes.get("server_port", "")
+    if not address:
+        return ""
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}" if port else host
+
+
+def quote_value(value: str) -> str:
+    """Make a log value safe: ``-`` when empty, quoted and escaped when it has odd characters."""
+    if not value:
+        return "-"
+    if all(c.isprintable() and c not in ' "=\\' for c in value):
+        return value
+    return '"' + "".join(_escape(c) for c in value) + '"'
+
+
+def _escape(char: str) -> str:
+    if char in '"\\':
+        return "\\" + char
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install the Debian packages the end-to-end tests need: Postfix (the MTA under test), Cyrus SASL
+# tools and modules (SMTP AUTH with a sasldb). Idempotent; asks nothing.
+set -euo pipefail
+
+packages=(postfix sasl2-bin libsasl2-modules)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "system packages present: ${packages[*]}"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO="sudo"
+    else
+        echo "error: installing ${missing[*]} needs root (or sudo)" >&2
+        exit 1
+    fi
+fi
+
+echo "installing: ${missing[*]}"
+$SUDO apt-get update -qq
+# "No configuration" leaves /etc/postfix/main.cf absent: the tests run a private instance only.
+echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" </dev/null

@@ -1,0 +1,126 @@
+"""Fixtures for the end-to-end tests: a real policyd and a real private Postfix on loopback.
+
+These tests must run in CI, so a missing Postfix is a FAILURE, not a skip. The only way to skip
+them is to run as a non-root user with POLICYD_E2E_ALLOW_SKIP=1 (Postfix's master must run as
+root); as non-root without that variable they fail too.
+
+Each test module gets one policyd and one Postfix (module scope), so a module runs in seconds.
+A module sets its own policyd rules by overriding the ``policyd_config`` fixture; the Postfix
+listener addresses come from ``smtp_listeners`` so that the rules can name them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .policyd_process import PolicydProcess
+from .postfix import POSTFIX_COMMANDS, PostfixInstance, find_command, free_port
+
+E2E_DIR = Path(__file__).resolve().parent
+INSTALL_HINT = "run `make test` (or `bash scripts/install-system-deps.sh`) to install them"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e carries the ``e2e`` marker (select with ``-m e2e``)."""
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed e2e test, attach the tails of policyd's log and Postfix's maillog."""
+    report = yield
+    if report.failed and E2E_DIR in Path(str(item.path)).resolve().parents:
+        funcargs = getattr(item, "funcargs", {})
+        policyd = funcargs.get("policyd")
+        if isinstance(policyd, PolicydProcess):
+            tail = "\n".join(policyd.log_text().splitlines()[-40:])
+            report.sections.append(("policyd log (tail)", tail))
+        postfix = funcargs.get("postfix")
+        if isinstance(postfix, PostfixInstance):
+            report.sections.append(("postfix maillog (tail)", postfix.maillog_tail(40)))
+    return report
+
+
+@pytest.fixture(scope="session")
+def e2e_preflight() -> None:
+    """Refuse to run without root or without Postfix/SASL tools, loudly."""
+    if os.geteuid() != 0:
+        message = (
+            "the end-to-end tests run a private Postfix and must run as root "
+            "(set POLICYD_E2E_ALLOW_SKIP=1 to skip them on a workstation)"
+        )
+        if os.environ.get("POLICYD_E2E_ALLOW_SKIP") == "1":
+            pytest.skip(message)
+        pytest.fail(message, pytrace=False)
+    missing = [name for name in POSTFIX_COMMANDS if find_command(name) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found: the end-to-end tests need Postfix and Cyrus SASL "
+            f"(Debian packages postfix, sasl2-bin, libsasl2-modules); {INSTALL_HINT}",
+            pytrace=False,
+        )
+    if shutil.which("script") is None:
+        pytest.fail("`script` (util-linux) not found; it surfaces postfix(1) errors", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def e2e_dir(e2e_preflight: None) -> Iterator[Path]:
+    """A world-traversable work directory (Postfix's daemons run as `postfix`)."""
+    path = Path(tempfile.mkdtemp(prefix="policyd-e2e-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def smtp_listeners(e2e_preflight: None) -> list[tuple[str, int]]:
+    """The Postfix smtpd listeners: 127.0.0.1 and 127.0.0.2, each on a free port."""
+    return [("127.0.0.1", free_port("127.0.0.1")), ("127.0.0.2", free_port("127.0.0.2"))]
+
+
+@pytest.fixture(scope="module")
+def policyd_config(smtp_listeners: list[tuple[str, int]]) -> dict[str, Any]:
+    """policyd's rules for the module (``listen.policy`` is filled in); override per module."""
+    return {
+        "mode": "enforce",
+        "local_domains": ["local.example"],
+        "relay": {"allow": {}, "never": {}},
+        "replies": {"denied": "550 5.7.1 Relaying Denied"},
+    }
+
+
+@pytest.fixture(scope="module")
+def policyd(policyd_config: dict[str, Any], e2e_dir: Path) -> Iterator[PolicydProcess]:
+    """The real policyd, running for the whole module; stopped by PID afterwards."""
+    process = PolicydProcess(policyd_config, e2e_dir / "policyd")
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def postfix(
+    policyd: PolicydProcess, smtp_listeners: list[tuple[str, int]], e2e_dir: Path
+) -> Iterator[PostfixInstance]:
+    """A private Postfix that asks ``policyd`` through postfix-examples/main.cf."""
+    instance = PostfixInstance(
+        policy_port=policyd.port, listeners=smtp_listeners, basedir=e2e_dir / "postfix"
+    )
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()

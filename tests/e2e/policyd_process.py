@@ -1,0 +1,150 @@
+"""Run the real policyd (``python -m policyd serve``) as a subprocess for the end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .postfix import free_port
+
+
+class PolicydError(RuntimeError):
+    """policyd did not start or stop as expected."""
+
+
+class PolicydProcess:
+    """policyd serving ``config`` on ``inet:127.0.0.1:<port>``, stderr captured to a file.
+
+    ``config`` is the YAML document as a dict; ``listen.policy`` is filled in with the port
+    (a free one unless given). The process is started with ``--verbose`` so every decision is
+    logged, and is only ever signalled by its own PID.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = copy.deepcopy(config)
+        self.config.setdefault("listen", {})["policy"] = f"inet:{host}:{self.port}"
+        self.config_path = workdir / "policyd.yaml"
+        self.log_path = workdir / "policyd.log"
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"inet:{self.host}:{self.port}"
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "policyd",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--verbose",
+        ]
+
+    def start(self, timeout: float = 20) -> None:
+        """Start policyd; return once its policy port accepts connections (bounded)."""
+        if self.process is not None and self.process.poll() is None:
+            raise PolicydError(f"policyd already runs as PID {self.process.pid}")
+        with self.log_path.open("ab") as log:
+            log.write(f"=== {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+            )
+        self.returncode = None
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.process.poll()
+            if exited is not None:
+                self.returncode = exited
+                raise PolicydError(
+                    f"policyd exited with {exited} before listening on {self.endpoint}\n"
+                    f"--- config ---\n{self.config_path.read_text()}"
+                    f"--- log ---\n{self.log_text()}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=1),
+            ):
+                return
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise PolicydError(
+                    f"policyd did not listen on {self.endpoint} within {timeout}s\n"
+                    f"--- log ---\n{self.log_text()}"
+                )
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM by PID, wait (bounded), then SIGKILL. Returns the exit status.
+
+        Safe to call when not running (returns the last exit status).
+        """
+        process = self.process
+        if process is None:
+            return self.returncode
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait(timeout=timeout)
+        self.returncode = process.returncode
+        self.process = None
+        return self.returncode
+
+    def log_text(self) -> str:
+        """Everything policyd wrote to stdout/stderr so far (all runs of this object)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, *needles: str, timeout: float = 5) -> str:
+        """The first log line containing every needle, waiting (bounded) for it to be flushed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log_text().splitlines():
+                if all(needle in line for needle in needles):
+                    return line
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"no policyd log line contains all of {needles!r}\n"
+                    f"--- policyd log ---\n{self.log_text()}"
+                )
+            time.sleep(0.05)

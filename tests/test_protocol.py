@@ -1,0 +1,340 @@
+"""Policy protocol framing, without sockets: StringTransport and a Clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from policyd.config import Limits
+from policyd.protocol import PolicyFactory, PolicyProtocol
+
+REQUEST = (
+    b"request=smtpd_access_policy\n"
+    b"protocol_state=RCPT\n"
+    b"client_address=192.0.2.7\n"
+    b"recipient=user@remote.example\n"
+    b"\n"
+)
+
+
+class Harness:
+    """A factory whose handler records requests and answers with a counter."""
+
+    def __init__(self, limits: Limits | None = None, action: str = "DUNNO") -> None:
+        self.requests: list[dict[str, str]] = []
+        self.errors: list[str] = []
+        self.clock = Clock()
+        self.action = action
+        self.factory = PolicyFactory(self.handle, self.report, limits or Limits(), self.clock)
+
+    def handle(self, attributes: Mapping[str, str]) -> str:
+        self.requests.append(dict(attributes))
+        return f"{self.action} {len(self.requests)}"
+
+    def report(self, reason: str, peer: str) -> None:
+        self.errors.append(reason)
+
+    def connect(self) -> tuple[PolicyProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+def test_whole_request_gets_one_reply() -> None:
+    """A complete request is decoded, handed to the handler and answered with one action."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    assert transport.value() == b"action=DUNNO 1\n\n"
+    assert harness.requests == [
+        {
+            "request": "smtpd_access_policy",
+            "protocol_state": "RCPT",
+            "client_address": "192.0.2.7",
+            "recipient": "user@remote.example",
+        }
+    ]
+    assert not transport.disconnecting
+
+
+def test_byte_by_byte() -> None:
+    """A request delivered one byte at a time is answered exactly once, at its end."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    for index in range(len(REQUEST)):
+        protocol.dataReceived(REQUEST[index : index + 1])
+        if index < len(REQUEST) - 1:
+            assert transport.value() == b""
+    assert transport.value() == b"action=DUNNO 1\n\n"
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    """Two requests in one write get two replies, in order, on the same open connection."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    second = REQUEST.replace(b"user@remote", b"other@remote")
+    protocol.dataReceived(REQUEST + second)
+    assert transport.value() == b"action=DUNNO 1\n\naction=DUNNO 2\n\n"
+    assert [r["recipient"] for r in harness.requests] == [
+        "user@remote.example",
+        "other@remote.example",
+    ]
+    assert not transport.disconnecting
+
+
+def test_persistent_connection_many_requests() -> None:
+    """The connection stays open across requests, as Postfix reuses it."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    for _ in range(50):
+        protocol.dataReceived(REQUEST)
+    assert transport.value().count(b"action=") == 50
+    assert not transport.disconnecting
+
+
+def test_first_value_of_repeated_attribute_is_kept() -> None:
+    """A repeated attribute keeps its first value; a later one cannot override it."""
+    harness = Harness()
+    protocol, _ = harness.connect()
+    protocol.dataReceived(REQUEST.replace(b"\n\n", b"\nclient_address=10.0.0.1\n\n"))
+    assert harness.requests[0]["client_address"] == "192.0.2.7"
+
+
+def test_value_may_contain_equals_sign() -> None:
+    """Lines split at the first '=' only."""
+    harness = Harness()
+    protocol, _ = harness.connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\nccert_subject=CN=x=y\n\n")
+    assert harness.requests[0]["ccert_subject"] == "CN=x=y"
+
+
+def test_crlf_line_endings_tolerated() -> None:
+    """A trailing carriage return (a person testing with telnet) is not part of the value."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST.replace(b"\n", b"\r\n"))
+    assert harness.requests[0]["recipient"] == "user@remote.example"
+    assert transport.value() == b"action=DUNNO 1\n\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"request=smtpd_access_policy\nno equals sign\n\n", "malformed_line"),
+        (b"request=smtpd_access_policy\n=value\n\n", "malformed_line"),
+        (b"request=smtpd_access_policy\nname=va\0lue\n\n", "malformed_line"),
+        (b"request=smtpd_access_policy\nsender=\xff\xfe@x\n\n", "invalid_utf8"),
+        (b"protocol_state=RCPT\n\n", "bad_request_type"),
+        (b"request=something_else\n\n", "bad_request_type"),
+        (b"\n", "bad_request_type"),
+    ],
+)
+def test_malformed_request_closes_without_reply(data: bytes, reason: str) -> None:
+    """Malformed input is reported with its reason and closes the connection, with no reply."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(data)
+    assert transport.value() == b""
+    assert transport.disconnecting
+    assert harness.errors == [reason]
+    assert harness.requests == []
+
+
+def test_malformed_request_stops_pipeline() -> None:
+    """After a framing error, nothing more is read from that connection."""
+    harness = Harness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\nbad line\n\n" + REQUEST)
+    assert transport.value() == b""
+    assert harness.requests == []
+    assert harness.errors == ["malformed_line"]
+
+
+def test_line_too_long() -> None:
+    """A line over max_line_bytes closes the connection, reported as line_too_long."""
+    harness = Harness(Limits(max_line_bytes=1024))
+    protocol, transport = harness.connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\nsender=" + b"a" * 2000 + b"\n\n")
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert harness.errors == ["line_too_long"]
+
+
+def test_line_at_limit_accepted() -> None:
+    """A line just under max_line_bytes is still a valid attribute."""
+    harness = Harness(Limits(max_line_bytes=1024))
+    protocol, transport = harness.connect()
+    value = b"a" * (1024 - len(b"sender=") - 1)
+    protocol.dataReceived(b"request=smtpd_access_policy\nsender=" + value + b"\n\n")
+    assert transport.value() == b"action=DUNNO 1\n\n"
+
+
+def test_request_too_large() -> None:
+    """A request over max_request_bytes in total is refused even if each line is short."""
+    harness = Harness(Limits(max_line_bytes=1024, max_request_bytes=4096, max_attributes=1000))
+    protocol, transport = harness.connect()
+    lines = b"".join(b"attr%d=%s\n" % (i, b"x" * 100) for i in range(60))
+    protocol.dataReceived(b"request=smtpd_access_policy\n" + lines + b"\n")
+    assert harness.errors == ["request_too_large"]
+    assert transport.value() == b""
+
+
+def test_too_many_attributes() -> None:
+    """More attributes than max_attributes closes the connection."""
+    harness = Harness(Limits(max_attributes=10))
+    protocol, transport = harness.connect()
+    lines = b"".join(b"a%d=1\n" % i for i in range(20))
+    protocol.dataReceived(b"request=smtpd_access_policy\n" + lines + b"\n")
+    assert harness.errors == ["too_many_attributes"]
+    assert transport.value() == b""
+
+
+def test_unfinished_request_times_out() -> None:
+    """A request that never finishes is closed after request_timeout_seconds and counted."""
+    harness = Harness(Limits(request_timeout_seconds=5, idle_timeout_seconds=100))
+    protocol, transport = harness.connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\n")
+    harness.clock.advance(4)
+    assert not transport.disconnecting
+    protocol.dataReceived(b"protocol_state=RCPT\n")
+    harness.clock.advance(1.5)
+    assert transport.disconnecting
+    assert harness.errors == ["request_timeout"]
+
+
+def test_idle_connection_closed_quietly() -> None:
+    """An idle connection is closed after idle_timeout_seconds without counting an error."""
+    harness = Harness(Limits(request_timeout_seconds=5, idle_timeout_seconds=100))
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    harness.clock.advance(99)
+    assert not transport.disconnecting
+    harness.clock.advance(2)
+    assert transport.disconnecting
+    assert harness.errors == []
+
+
+def test_disconnect_mid_request_reported() -> None:
+    """A client that hangs up mid-request is reported; the handler is never called."""
+    harness = Harness()
+    protocol, _ = harness.connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\nprotocol_state=RC")
+    protocol.connectionLost()
+    assert harness.errors == ["disconnect_mid_request"]
+    assert harness.requests == []
+    assert harness.factory.connections == set()
+
+
+def test_disconnect_between_requests_is_not_an_error() -> None:
+    """Postfix closing an idle connection is normal."""
+    harness = Harness()
+    protocol, _ = harness.connect()
+    protocol.dataReceived(REQUEST)
+    protocol.connectionLost()
+    assert harness.errors == []
+
+
+def test_handler_failure_closes_without_reply() -> None:
+    """If the handler raises, no reply is sent (Postfix falls back to default_action)."""
+    harness = Harness()
+
+    def broken(attributes: Mapping[str, str]) -> str:
+        raise RuntimeError("boom")
+
+    harness.factory.handler = broken
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    assert transport.value() == b""
+    assert transport.disconnecting
+    assert harness.errors == ["handler_failure"]
+
+
+def test_one_bad_connection_does_not_affect_another() -> None:
+    """A framing error on one connection leaves a second one working."""
+    harness = Harness()
+    bad, bad_transport = harness.connect()
+    good, good_transport = harness.connect()
+    bad.dataReceived(b"request=smtpd_access_policy\n\xff\n\n")
+    good.dataReceived(REQUEST)
+    assert bad_transport.disconnecting
+    assert good_transport.value() == b"action=DUNNO 1\n\n"
+    assert not good_transport.disconnecting
+
+
+def test_drain_closes_idle_and_finishes_busy() -> None:
+    """drain() closes idle connections at once and a busy one right after its reply."""
+    harness = Harness()
+    idle, idle_transport = harness.connect()
+    busy, busy_transport = harness.connect()
+    busy.dataReceived(b"request=smtpd_access_policy\n")
+    done = harness.factory.drain(3)
+    assert idle_transport.disconnecting
+    assert not busy_transport.disconnecting
+    busy.dataReceived(b"protocol_state=RCPT\n\n")
+    assert busy_transport.value() == b"action=DUNNO 1\n\n"
+    assert busy_transport.disconnecting
+    fired: list[object] = []
+    done.addCallback(fired.append)
+    assert fired == []
+    idle.connectionLost()
+    busy.connectionLost()
+    assert fired == [None]
+
+
+def test_drain_aborts_stragglers_after_grace() -> None:
+    """A request still unfinished after the grace period has its connection aborted."""
+    harness = Harness()
+    busy, transport = harness.connect()
+    busy.dataReceived(b"request=smtpd_access_policy\n")
+    harness.factory.drain(3)
+    harness.clock.advance(3)
+    assert transport.disconnecting
+
+
+@given(st.binary(max_size=2000))
+def test_arbitrary_bytes_never_raise(data: bytes) -> None:
+    """Any byte string, in any chunking, either yields replies or a reported error: no crash."""
+    harness = Harness(Limits(max_line_bytes=512, max_request_bytes=1024, max_attributes=10))
+    protocol, transport = harness.connect()
+    for start in range(0, len(data), 7):
+        protocol.dataReceived(data[start : start + 7])
+    replies = transport.value().count(b"action=")
+    assert replies == len(harness.requests)
+    if transport.disconnecting:
+        assert harness.errors
+
+
+@given(
+    st.dictionaries(
+        st.text(
+            alphabet=st.characters(blacklist_characters="=\n\r\0", blacklist_categories=["Cs"]),
+            min_size=1,
+            max_size=20,
+        ),
+        st.text(
+            alphabet=st.characters(blacklist_characters="\n\r\0", blacklist_categories=["Cs"]),
+            max_size=50,
+        ),
+        max_size=15,
+    ),
+    st.integers(min_value=1, max_value=50),
+)
+def test_parser_round_trip(attributes: dict[str, str], chunk: int) -> None:
+    """Any well-formed attribute set, in any chunking, reaches the handler unchanged."""
+    attributes = {"request": "smtpd_access_policy", **attributes}
+    attributes["request"] = "smtpd_access_policy"
+    data = b"".join(f"{k}={v}\n".encode() for k, v in attributes.items()) + b"\n"
+    harness = Harness()
+    protocol, transport = harness.connect()
+    for start in range(0, len(data), chunk):
+        protocol.dataReceived(data[start : start + chunk])
+    assert harness.errors == []
+    assert harness.requests == [attributes]
+    assert transport.value() == b"action=DUNNO 1\n\n"
