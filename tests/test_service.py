@@ -310,3 +310,24 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         )
     assert result.returncode == 3
     assert "cannot listen" in result.stderr
+
+
+def test_thousand_idle_connections_do_not_stall_others(policyd: PolicydProcess) -> None:
+    """1000 idle and half-finished connections neither stall a new client nor block SIGTERM."""
+    idle: list[socket.socket] = []
+    try:
+        for index in range(1000):
+            sock = socket.create_connection((policyd.host, policyd.port), timeout=10)
+            if index % 10 == 0:
+                sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RC")
+            idle.append(sock)
+        client = connect(policyd)
+        assert client.ask("192.0.2.7", "u@remote.example") == "action=OK"
+        assert 'policyd_connections{listener="policy"} 1001.0' in scrape(policyd)
+        client.close()
+        assert policyd.process is not None
+        policyd.process.send_signal(signal.SIGTERM)
+        assert policyd.process.wait(timeout=30) == 0
+    finally:
+        for sock in idle:
+            sock.close()

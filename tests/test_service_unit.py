@@ -1,0 +1,147 @@
+"""PolicyService without sockets: failure handling, logging, metrics, reload."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from twisted.internet.testing import MemoryReactorClock
+
+import policyd.service
+from policyd.config import Config, load_config
+from policyd.decision import Decision, Rule, Verdict
+from policyd.metrics import Metrics
+from policyd.request import PolicyRequest
+from policyd.service import PolicyService, format_decision, quote_value
+
+CONFIG = """
+listen: {policy: "inet:127.0.0.1:10040"}
+local_domains: [local.example]
+relay: {allow: {client_networks: [192.0.2.0/24]}}
+"""
+
+RELAY = {
+    "request": "smtpd_access_policy",
+    "protocol_state": "RCPT",
+    "client_address": "198.51.100.7",
+    "recipient": "user@remote.example",
+    "queue_id": "4XyZ1",
+    "sender": "a@b.example",
+    "sasl_username": "",
+}
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "policyd.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def make_service(config_path: Path, *, verbose: bool = False) -> PolicyService:
+    config = load_config(config_path)
+    return PolicyService(
+        str(config_path),
+        config,
+        MemoryReactorClock(),
+        Metrics(CollectorRegistry()),
+        log_all_decisions=verbose,
+    )
+
+
+def sample(service: PolicyService, name: str, **labels: str) -> float:
+    value = service.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_internal_error_answers_replies_error_never_permit(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If deciding raises, the reply is replies.error (a 4xx), counted and logged as error."""
+    service = make_service(config_path)
+
+    def broken(config: Config, request: PolicyRequest) -> Decision:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(policyd.service, "decide", broken)
+    with caplog.at_level(logging.INFO):
+        action = service.handle({**RELAY, "client_address": "192.0.2.7"})
+    assert action == "451 4.3.0 Relay policy temporarily unavailable"
+    assert sample(service, "policyd_decisions_total", verdict="error", rule="internal_error") == 1
+    assert sample(service, "policyd_requests_total") == 1
+    assert "simulated bug" in caplog.text  # the traceback, for the operator
+    assert "verdict=error rule=internal_error" in caplog.text
+
+
+def test_denials_logged_by_default_others_only_verbose(
+    config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without --verbose only denials are logged; with it every decision is."""
+    quiet = make_service(config_path)
+    with caplog.at_level(logging.INFO):
+        quiet.handle(RELAY)
+        quiet.handle({**RELAY, "recipient": "user@local.example"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "policyd.decision"]
+    assert len(lines) == 1 and "verdict=denied" in lines[0]
+    caplog.clear()
+    verbose = make_service(config_path, verbose=True)
+    with caplog.at_level(logging.INFO):
+        verbose.handle(RELAY)
+        verbose.handle({**RELAY, "recipient": "user@local.example"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "policyd.decision"]
+    assert len(lines) == 2 and "verdict=local rule=local_domains" in lines[1]
+
+
+def test_decision_log_line_fields() -> None:
+    """The log line carries queue id, client, login, sender, recipient, verdict, rule, action."""
+    decision = Decision("550 5.7.1 Relaying Denied", Verdict.DENIED, Rule.DEFAULT, "remote.example")
+    line = format_decision({**RELAY, "sasl_username": "bob"}, decision)
+    assert line == (
+        "decision queue_id=4XyZ1 client=198.51.100.7 server=- sasl_username=bob "
+        "sender=a@b.example recipient=user@remote.example state=RCPT verdict=denied "
+        'rule=relay.default action="550 5.7.1 Relaying Denied" destination=remote.example'
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", "-"),
+        ("plain@example.com", "plain@example.com"),
+        ("two words", '"two words"'),
+        ('a"b', '"a\\"b"'),
+        ("x=y", '"x=y"'),
+        ("tab\there", '"tab\\x09here"'),
+        ("fake verdict=allowed", '"fake verdict=allowed"'),
+    ],
+)
+def test_log_values_cannot_forge_fields(value: str, expected: str) -> None:
+    """Client-controlled values are quoted so they cannot inject key=value pairs."""
+    assert quote_value(value) == expected
+
+
+def test_metrics_count_every_request(config_path: Path) -> None:
+    """requests_total and the duration histogram count skipped requests too."""
+    service = make_service(config_path)
+    service.handle(RELAY)
+    service.handle({**RELAY, "protocol_state": "DATA"})
+    assert sample(service, "policyd_requests_total") == 2
+    assert sample(service, "policyd_request_duration_seconds_count") == 2
+    assert sample(service, "policyd_decisions_total", verdict="skipped", rule="protocol_state") == 1
+    assert sample(service, "policyd_decisions_total", verdict="denied", rule="relay.default") == 1
+
+
+def test_reload_swaps_or_keeps(config_path: Path) -> None:
+    """reload() swaps in a valid file and keeps the running rules on an invalid one."""
+    service = make_service(config_path)
+    assert service.handle(RELAY).startswith("550")
+    config_path.write_text(CONFIG.replace("192.0.2.0/24", "198.51.100.0/24"))
+    assert service.reload()
+    assert service.handle(RELAY) == "OK"
+    config_path.write_text(CONFIG.replace("192.0.2.0/24", "198.51.100.0/33"))
+    assert not service.reload()
+    assert service.handle(RELAY) == "OK"
+    assert sample(service, "policyd_config_reloads_total", result="success") == 1
+    assert sample(service, "policyd_config_reloads_total", result="failure") == 1
