@@ -125,6 +125,13 @@ def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err
     print(f"verdict: {decision.verdict.value}", file=out)
     print(f"rule: {decision.rule.value}", file=out)
     print(f"destination: {decision.destination or '-'}", file=out)
+    if decision.outbound is not None:
+        print(f"outbound: {decision.outbound.describe()}", file=out)
+    elif decision.verdict.value in ("denied", "allowed"):
+        profile = config.outbound_tables.select(decision.destination).profile
+        print(f"outbound: {profile.describe()} (if it were relayed)", file=out)
+    else:
+        print("outbound: - (not relayed)", file=out)
     if decision.warn_only:
         print("mode: warn (would be denied in enforce mode)", file=out)
     return EXIT_OK
@@ -161,6 +168,8 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
 
     reactor: Any = _reactor
 
+    for warning in config.warnings:
+        log.warning("configuration warning: %s", warning)
     service = PolicyService(
         path, config, reactor, Metrics(CollectorRegistry()), log_all_decisions=verbose
     )

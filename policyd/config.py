@@ -11,7 +11,9 @@ No Twisted here: this module reads files and builds values, nothing else.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Literal, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from policyd.address import DomainError, DomainSet
+from policyd.address import DomainError, DomainSet, normalize_domain
 from policyd.networks import (
     EntryError,
     IPNetwork,
@@ -29,11 +31,19 @@ from policyd.networks import (
     parse_network,
     parse_server_address,
 )
+from policyd.outbound import (
+    AuthKind,
+    CredentialConflict,
+    Outbound,
+    OutboundProfile,
+    OutboundTables,
+    Secret,
+    TlsLevel,
+)
 
 T = TypeVar("T")
 
 Mode = Literal["enforce", "warn"]
-AuthKind = Literal["none", "cleartext", "ntlm"]
 
 
 class ConfigError(Exception):
@@ -75,6 +85,7 @@ class Listen:
     policy: Endpoint
     socketmap: Endpoint | None = None
     metrics: Endpoint | None = None
+    socketmap_allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,29 +121,6 @@ class RelayRules:
 
 
 @dataclass(frozen=True, slots=True)
-class OutboundProfile:
-    """One outbound authentication profile (``outbound.default`` or a domain override).
-
-    The password itself is not kept here: only where it comes from.
-    """
-
-    auth: AuthKind = "none"
-    username: str = ""
-    password_file: str = ""
-    password_env: str = ""
-    nexthop: str = ""
-    allow_plaintext: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """The ``outbound`` section (validated; served by the socketmap tables)."""
-
-    default: OutboundProfile = OutboundProfile()
-    domains: tuple[tuple[str, OutboundProfile], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     """A complete, validated configuration. Immutable: a reload builds a new one."""
 
@@ -144,7 +132,9 @@ class Config:
     replies: Replies
     limits: Limits
     outbound: Outbound
+    outbound_tables: OutboundTables
     file_lists: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A short multi-line description for ``check-config`` and the reload log."""
@@ -164,8 +154,11 @@ class Config:
             f"  outbound: default auth {self.outbound.default.auth}, "
             f"{len(self.outbound.domains)} domain overrides",
         ]
+        for domain, profile in self.outbound.domains:
+            lines.append(f"    {domain}: {profile.describe()}")
         if self.file_lists:
             lines.append(f"  file lists: {', '.join(self.file_lists)}")
+        lines.extend(f"  warning: {warning}" for warning in self.warnings)
         return "\n".join(lines)
 
 
@@ -223,6 +216,8 @@ class _Builder:
         self.name = Path(source).name
         self.base_dir = base_dir
         self.file_lists: list[str] = []
+        self.warnings: list[str] = []
+        self.outbound_tables: OutboundTables | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -351,7 +346,10 @@ class _Builder:
         relay = self.relay(top["relay"][1]) if "relay" in top else RelayRules()
         replies = self.replies(top["replies"][1]) if "replies" in top else Replies()
         limits = self.limits(top["limits"][1]) if "limits" in top else Limits()
-        outbound = self.outbound(top["outbound"][1]) if "outbound" in top else Outbound()
+        outbound = (
+            self.outbound(top["outbound"][1], local_domains) if "outbound" in top else Outbound()
+        )
+        tables = self.outbound_tables or OutboundTables(outbound, local_domains)
         return Config(
             source=self.source,
             listen=listen,
@@ -361,7 +359,9 @@ class _Builder:
             replies=replies,
             limits=limits,
             outbound=outbound,
+            outbound_tables=tables,
             file_lists=tuple(self.file_lists),
+            warnings=tuple(self.warnings),
         )
 
     def endpoint(self, node: Node, path: str) -> Endpoint:
@@ -392,12 +392,33 @@ class _Builder:
         return Endpoint("inet", host=host, port=port)
 
     def listen(self, node: Node) -> Listen:
-        section = self.mapping(node, "listen", ("policy", "socketmap", "metrics"))
+        section = self.mapping(
+            node, "listen", ("policy", "socketmap", "metrics", "socketmap_allow_remote")
+        )
         if "policy" not in section:
             raise self.error("listen.policy", node, "missing (the policy listener is required)")
+        allow_remote = False
+        if "socketmap_allow_remote" in section:
+            allow_remote = self.boolean(
+                section.pop("socketmap_allow_remote")[1], "listen.socketmap_allow_remote"
+            )
         endpoints = {
             key: self.endpoint(value, f"listen.{key}") for key, (_, value) in section.items()
         }
+        socketmap = endpoints.get("socketmap")
+        if (
+            socketmap is not None
+            and socketmap.kind == "inet"
+            and not allow_remote
+            and not ipaddress.ip_address(socketmap.host).is_loopback
+        ):
+            raise self.error(
+                "listen.socketmap",
+                section["socketmap"][1],
+                f"{socketmap} is not a loopback address: the socketmap serves passwords "
+                "without authentication (set listen.socketmap_allow_remote: true to "
+                "allow it anyway)",
+            )
         seen: dict[str, str] = {}
         for key, endpoint in endpoints.items():
             if str(endpoint) in seen:
@@ -409,8 +430,9 @@ class _Builder:
             seen[str(endpoint)] = key
         return Listen(
             policy=endpoints["policy"],
-            socketmap=endpoints.get("socketmap"),
+            socketmap=socketmap,
             metrics=endpoints.get("metrics"),
+            socketmap_allow_remote=allow_remote,
         )
 
     def relay(self, node: Node) -> RelayRules:
@@ -518,12 +540,20 @@ class _Builder:
             )
         return limits
 
-    def outbound(self, node: Node) -> Outbound:
+    def outbound(self, node: Node, local_domains: DomainSet) -> Outbound:
         section = self.mapping(node, "outbound", ("default", "domains"))
         default = OutboundProfile()
         if "default" in section:
-            default = self.profile(section["default"][1], "outbound.default", is_default=True)
+            default = self.profile(section["default"][1], "outbound.default")
+            if default.auth != "none" and not default.nexthop:
+                raise self.error(
+                    "outbound.default.nexthop",
+                    section["default"][1],
+                    f"missing: a default with auth {default.auth} needs a smart host to log in "
+                    "to (e.g. '[smtp.isp.example]:587')",
+                )
         domains: list[tuple[str, OutboundProfile]] = []
+        key_nodes: dict[str, Node] = {}
         if "domains" in section:
             domains_node = section["domains"][1]
             if not isinstance(domains_node, MappingNode):
@@ -533,62 +563,166 @@ class _Builder:
                 raw = self.string(key_node, "outbound.domains")
                 path = f"outbound.domains.{raw}"
                 try:
-                    domain = _domain_entry(raw)
+                    domain = normalize_domain(raw)
                 except DomainError as err:
                     raise self.error(path, key_node, str(err)) from None
+                if domain.startswith("[") or raw.startswith("."):
+                    raise self.error(path, key_node, "must be a domain name")
                 if domain in seen:
                     raise self.error(
                         path, key_node, f"same domain as outbound.domains.{seen[domain]}"
                     )
+                if domain in local_domains:
+                    raise self.error(
+                        path, key_node, "is a local domain: outbound profiles are for remote ones"
+                    )
                 seen[domain] = raw
-                domains.append((domain, self.profile(value_node, path, is_default=False)))
-        return Outbound(default=default, domains=tuple(domains))
+                key_nodes[path] = key_node
+                domains.append((domain, self.profile(value_node, path)))
+        outbound = Outbound(default=default, domains=tuple(domains))
+        try:
+            self.outbound_tables = OutboundTables(outbound, local_domains)
+        except CredentialConflict as err:
+            raise self.error(err.second, key_nodes.get(err.second, node), str(err)) from None
+        return outbound
 
-    def profile(self, node: Node, path: str, *, is_default: bool) -> OutboundProfile:
+    def profile(self, node: Node, path: str) -> OutboundProfile:
         section = self.mapping(
             node,
             path,
-            ("auth", "username", "password_file", "password_env", "nexthop", "allow_plaintext"),
+            (
+                "auth",
+                "username",
+                "password_file",
+                "password_env",
+                "nexthop",
+                "tls",
+                "allow_plaintext",
+            ),
         )
         if "auth" not in section:
             raise self.error(f"{path}.auth", node, "missing (none, cleartext or ntlm)")
-        auth = self.string(section["auth"][1], f"{path}.auth")
+        auth_node = section["auth"][1]
+        auth = self.string(auth_node, f"{path}.auth")
         if auth not in ("none", "cleartext", "ntlm"):
-            raise self.error(
-                f"{path}.auth", section["auth"][1], f"{auth!r} is not none, cleartext or ntlm"
-            )
-        values = {
-            key: self.string(section[key][1], f"{path}.{key}")
-            for key in ("username", "password_file", "password_env", "nexthop")
-            if key in section
-        }
-        allow_plaintext = (
-            self.boolean(section["allow_plaintext"][1], f"{path}.allow_plaintext")
-            if "allow_plaintext" in section
-            else False
-        )
+            raise self.error(f"{path}.auth", auth_node, f"{auth!r} is not none, cleartext or ntlm")
         kind: AuthKind = (
             "none" if auth == "none" else "cleartext" if auth == "cleartext" else "ntlm"
         )
+        values: dict[str, str] = {
+            key: self.string(section[key][1], f"{path}.{key}")
+            for key in ("username", "password_file", "password_env", "nexthop", "tls")
+            if key in section
+        }
+        nexthop = values.get("nexthop", "")
+        if nexthop:
+            problem = _check_nexthop(nexthop)
+            if problem:
+                raise self.error(f"{path}.nexthop", section["nexthop"][1], f"{nexthop!r} {problem}")
         if kind == "none":
-            for key in ("username", "password_file", "password_env"):
-                if key in values:
+            for key in ("username", "password_file", "password_env", "tls", "allow_plaintext"):
+                if key in section:
                     raise self.error(f"{path}.{key}", section[key][1], "not used with auth: none")
-        else:
-            if "username" not in values:
-                raise self.error(f"{path}.username", node, f"missing (required for auth: {kind})")
-            if ("password_file" in values) == ("password_env" in values):
+            return OutboundProfile(path=path, nexthop=nexthop)
+        if "username" not in values:
+            raise self.error(f"{path}.username", node, f"missing (required for auth: {kind})")
+        username = values["username"]
+        if ":" in username or any(c.isspace() for c in username):
+            raise self.error(
+                f"{path}.username", section["username"][1], "must not contain ':' or white space"
+            )
+        tls: TlsLevel = "may"
+        allow_plaintext = False
+        if kind == "cleartext":
+            tls_text = values.get("tls", "encrypt")
+            if tls_text not in ("encrypt", "may"):
                 raise self.error(
-                    f"{path}.password_file", node, "give exactly one of password_file, password_env"
+                    f"{path}.tls", section["tls"][1], f"{tls_text!r} is not encrypt or may"
                 )
+            tls = "encrypt" if tls_text == "encrypt" else "may"
+            if "allow_plaintext" in section:
+                allow_plaintext = self.boolean(
+                    section["allow_plaintext"][1], f"{path}.allow_plaintext"
+                )
+            if tls != "encrypt" and not allow_plaintext:
+                raise self.error(
+                    f"{path}.tls",
+                    section["tls"][1],
+                    "cleartext authentication without TLS sends the password readably: use "
+                    "tls: encrypt, or say allow_plaintext: true",
+                )
+        else:
+            for key in ("tls", "allow_plaintext"):
+                if key in section:
+                    raise self.error(f"{path}.{key}", section[key][1], "only for auth: cleartext")
+        password = self.password(section, values, node, path)
         return OutboundProfile(
+            path=path,
             auth=kind,
-            username=values.get("username", ""),
-            password_file=values.get("password_file", ""),
-            password_env=values.get("password_env", ""),
-            nexthop=values.get("nexthop", ""),
+            username=username,
+            password=password,
+            nexthop=nexthop,
+            tls=tls,
             allow_plaintext=allow_plaintext,
         )
+
+    def password(
+        self,
+        section: dict[str, tuple[ScalarNode, Node]],
+        values: dict[str, str],
+        node: Node,
+        path: str,
+    ) -> Secret:
+        """Read the profile's password; errors and warnings never contain it."""
+        if ("password_file" in values) == ("password_env" in values):
+            raise self.error(
+                f"{path}.password_file", node, "give exactly one of password_file, password_env"
+            )
+        if "password_env" in values:
+            name = values["password_env"]
+            value = os.environ.get(name, "")
+            if not value:
+                raise self.error(
+                    f"{path}.password_env",
+                    section["password_env"][1],
+                    f"environment variable {name!r} is not set or empty",
+                )
+            where = f"environment variable {name!r}"
+        else:
+            file_node = section["password_file"][1]
+            file_path = Path(values["password_file"])
+            if not file_path.is_absolute():
+                file_path = self.base_dir / file_path
+            try:
+                value = file_path.read_text(encoding="utf-8")
+                mode = file_path.stat().st_mode
+            except OSError as err:
+                raise self.error(
+                    f"{path}.password_file",
+                    file_node,
+                    f"cannot read {file_path}: {err.strerror or type(err).__name__}",
+                ) from None
+            except UnicodeDecodeError:
+                raise self.error(
+                    f"{path}.password_file", file_node, f"{file_path} is not valid UTF-8"
+                ) from None
+            if value.endswith("\n"):
+                value = value[:-1]
+                if value.endswith("\r"):
+                    value = value[:-1]
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                self.warnings.append(
+                    f"{path}.password_file: {file_path} is readable by others than its owner "
+                    f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+                )
+            where = str(file_path)
+        if not value:
+            raise self.error(f"{path}.password_file", node, f"the password in {where} is empty")
+        if any(c in value for c in "\n\r\0"):
+            raise self.error(
+                f"{path}.password_file", node, f"the password in {where} spans several lines"
+            )
+        return Secret(value)
 
 
 def _describe(value: object) -> str:
@@ -607,6 +741,29 @@ def _domain_entry(text: str) -> str:
     """Validate a domain list entry; ``DomainSet`` does the normalising."""
     DomainSet((text,))
     return text
+
+
+_NEXTHOP = re.compile(r"^(?:\[(?P<literal>[^\[\]]+)\]|(?P<host>[^\[\]:]+))(?::(?P<port>\d+))?$")
+
+
+def _check_nexthop(text: str) -> str | None:
+    """None if ``text`` is a next hop as Postfix writes it: host, [host], either with :port."""
+    match = _NEXTHOP.match(text)
+    if match is None:
+        return "is not a next hop (host, [host], host:port or [host]:port)"
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        return "has a port out of range (1-65535)"
+    host = match["literal"] or match["host"]
+    if match["literal"] is not None and host.lower().startswith("ipv6:"):
+        host = host[5:]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            normalize_domain(host)
+        except DomainError:
+            return "does not name a host"
+    return None
 
 
 def _sasl_username(text: str) -> str:

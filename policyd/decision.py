@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from policyd.address import resolve_destination
 from policyd.config import Config
+from policyd.outbound import OutboundProfile
 from policyd.request import RELAY_STATES, PolicyRequest
 
 
@@ -45,7 +46,8 @@ class Decision:
 
     ``action`` is what goes to Postfix after ``action=``; ``destination`` is the hop that made
     the recipient local or a relay attempt (``None`` when there is none or it is unknown);
-    ``warn_only`` is true when ``mode: warn`` turned a denial into a WARN.
+    ``warn_only`` is true when ``mode: warn`` turned a denial into a WARN; ``outbound`` is the
+    outbound profile an allowed relay will be delivered with.
     """
 
     action: str
@@ -53,6 +55,7 @@ class Decision:
     rule: Rule
     destination: str | None = None
     warn_only: bool = False
+    outbound: OutboundProfile | None = None
 
 
 def decide(config: Config, request: PolicyRequest) -> Decision:
@@ -74,17 +77,22 @@ def decide(config: Config, request: PolicyRequest) -> Decision:
     if request.sasl_username and request.sasl_username.casefold() in relay.never_sasl_usernames:
         return _deny(config, Rule.NEVER_SASL_USERNAMES, where)
     if relay.allow_authenticated and request.sasl_username:
-        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_AUTHENTICATED, where)
+        return _allow(config, Rule.ALLOW_AUTHENTICATED, where)
     if client_ip is not None and client_ip in relay.allow_client_networks:
-        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_CLIENT_NETWORKS, where)
+        return _allow(config, Rule.ALLOW_CLIENT_NETWORKS, where)
     if relay.allow_server_addresses.matches(request.server_ip, request.server_port):
-        return Decision(replies.allowed, Verdict.ALLOWED, Rule.ALLOW_SERVER_ADDRESSES, where)
+        return _allow(config, Rule.ALLOW_SERVER_ADDRESSES, where)
     return _deny(config, Rule.DEFAULT, where)
 
 
 def error_decision(config: Config) -> Decision:
     """The decision used when deciding failed: a temporary failure, never a permit."""
     return Decision(config.replies.error, Verdict.ERROR, Rule.INTERNAL_ERROR)
+
+
+def _allow(config: Config, rule: Rule, destination: str | None) -> Decision:
+    profile = config.outbound_tables.select(destination).profile
+    return Decision(config.replies.allowed, Verdict.ALLOWED, rule, destination, outbound=profile)
 
 
 def _deny(config: Config, rule: Rule, destination: str | None) -> Decision:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from policyd.decision import Rule, Verdict
 from policyd.protocol import REASONS
+from policyd.socketmap import REASONS as SOCKETMAP_REASONS
 
 # A decision takes microseconds; the buckets still reach far enough to show a stalled reactor.
 _DURATION_BUCKETS = (
@@ -82,8 +83,14 @@ class Metrics:
         )
         self.protocol_errors = Counter(
             "policyd_protocol_errors",
-            "Policy connections closed without a reply because of bad input, by reason.",
-            ["reason"],
+            "Connections closed, or lookups failed, because of bad input, by listener and reason.",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self.relay_outbound = Counter(
+            "policyd_relay_outbound",
+            "Allowed relay decisions by the outbound authentication their recipient domain uses.",
+            ["auth"],
             registry=registry,
         )
         self.connections = Gauge(
@@ -97,4 +104,11 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for reason in REASONS:
-            self.protocol_errors.labels(reason=reason)
+            self.protocol_errors.labels(listener="policy", reason=reason)
+        for reason in SOCKETMAP_REASONS:
+            self.protocol_errors.labels(listener="socketmap", reason=reason)
+        for auth in ("none", "cleartext", "ntlm"):
+            self.relay_outbound.labels(auth=auth)
+        for map_name in ("transport", "sasl_passwd"):
+            for result in ("found", "notfound"):
+                self.socketmap_lookups.labels(map=map_name, result=result)

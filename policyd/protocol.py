@@ -175,7 +175,7 @@ class PolicyProtocol(LineOnlyReceiver, TimeoutMixin):
     def _fail(self, reason: str, *, close: bool = True) -> None:
         self._failed = True
         self._attributes = {}
-        self.factory.report_error(reason, _describe_peer(self.transport))
+        self.factory.report_error(reason, describe_peer(self.transport))
         if close:
             self._connection.loseConnection()
 
@@ -246,7 +246,8 @@ def _cancel_call(result: Any, call: Any) -> Any:
     return result
 
 
-def _describe_peer(transport: object) -> str:
+def describe_peer(transport: object) -> str:
+    """The peer of a transport as host:port, [v6]:port or unix:path, for log lines."""
     get_peer = getattr(transport, "getPeer", None)
     if get_peer is None:
         return "unknown"

@@ -27,6 +27,7 @@ from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.metrics import Metrics
 from policyd.protocol import PolicyFactory
 from policyd.request import PolicyRequest
+from policyd.socketmap import SocketmapFactory
 
 log = logging.getLogger("policyd")
 decision_log = logging.getLogger("policyd.decision")
@@ -59,6 +60,7 @@ class PolicyService:
             reactor,
             on_connections_changed=self.metrics.connections.labels(listener="policy").set,
         )
+        self.socketmap_factory = SocketmapFactory(self.lookup, self.report_socketmap_error)
         self.ports: list[IListeningPort] = []
         self.metrics.config_last_reload.set(time.time())
 
@@ -78,6 +80,8 @@ class PolicyService:
         metrics = self.metrics
         metrics.requests.inc()
         metrics.decisions.labels(verdict=decision.verdict.value, rule=decision.rule.value).inc()
+        if decision.outbound is not None:
+            metrics.relay_outbound.labels(auth=decision.outbound.auth).inc()
         metrics.request_duration.observe(time.perf_counter() - started)
         self.log_decision(attributes, decision)
         return decision.action
@@ -94,9 +98,40 @@ class PolicyService:
             decision_log.log(level, "%s", format_decision(attributes, decision))
 
     def report_protocol_error(self, reason: str, peer: str) -> None:
-        """Log and count a connection closed for bad input."""
-        self.metrics.protocol_errors.labels(reason=reason).inc()
-        log.warning("protocol_error reason=%s peer=%s action=close", reason, peer)
+        """Log and count a policy connection closed for bad input."""
+        self.metrics.protocol_errors.labels(listener="policy", reason=reason).inc()
+        log.warning("protocol_error listener=policy reason=%s peer=%s action=close", reason, peer)
+
+    def report_socketmap_error(self, reason: str, peer: str) -> None:
+        """Log and count a socketmap framing error or failed lookup."""
+        self.metrics.protocol_errors.labels(listener="socketmap", reason=reason).inc()
+        log.warning("protocol_error listener=socketmap reason=%s peer=%s", reason, peer)
+
+    # -- socketmap -------------------------------------------------------------------------
+
+    def lookup(self, name: str, key: str) -> str:
+        """Answer one socketmap lookup from the configuration in use."""
+        tables = self.config.outbound_tables
+        if name == "transport":
+            answer = tables.transport(key)
+        elif name == "sasl_passwd":
+            answer = tables.sasl_passwd(key)
+        else:
+            self.metrics.socketmap_lookups.labels(map="unknown", result="perm").inc()
+            log.warning("socketmap map=%s result=perm: unknown map", quote_value(name[:64]))
+            return "PERM unknown map (policyd serves transport and sasl_passwd)"
+        result = "notfound" if answer is None else "found"
+        self.metrics.socketmap_lookups.labels(map=name, result=result).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            shown = "-" if answer is None or name == "sasl_passwd" else answer
+            log.debug(
+                "socketmap map=%s key=%s result=%s answer=%s",
+                name,
+                quote_value(key),
+                result,
+                quote_value(shown),
+            )
+        return "NOTFOUND " if answer is None else f"OK {answer}"
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -114,6 +149,8 @@ class PolicyService:
             return False
         if config.listen != self.config.listen:
             log.warning("reload: changes to listen take effect only at restart")
+        for warning in config.warnings:
+            log.warning("configuration warning: %s", warning)
         self.config = config
         self.factory.limits = config.limits
         self.metrics.config_reloads.labels(result="success").inc()
@@ -131,6 +168,11 @@ class PolicyService:
             port = yield server_endpoint(self.reactor, listen.policy).listen(self.factory)
             self.ports.append(port)
             log.info("policy listener on %s", listen.policy)
+            if listen.socketmap is not None:
+                endpoint = server_endpoint(self.reactor, listen.socketmap)
+                port = yield endpoint.listen(self.socketmap_factory)
+                self.ports.append(port)
+                log.info("socketmap listener on %s (maps transport, sasl_passwd)", listen.socketmap)
             if listen.metrics is not None:
                 root = Resource()  # type: ignore[no-untyped-call]
                 root.putChild(
@@ -159,6 +201,7 @@ class PolicyService:
         """Stop accepting, answer requests in flight, close every connection."""
         log.info("stopping: no new connections; answering requests in flight")
         yield self.stop_listening()
+        self.socketmap_factory.close_all()
         yield self.factory.drain(SHUTDOWN_GRACE_SECONDS)
         log.info("stopped")
 
@@ -188,6 +231,9 @@ def format_decision(attributes: Mapping[str, str], decision: Decision) -> str:
     ]
     if decision.destination:
         fields.append(("destination", decision.destination))
+    if decision.outbound is not None:
+        fields.append(("outbound", decision.outbound.path))
+        fields.append(("outbound_auth", decision.outbound.auth))
     if decision.warn_only:
         fields.append(("mode", "warn"))
     return "decision " + " ".join(f"{key}={quote_value(value)}" for key, value in fields)

@@ -123,3 +123,32 @@ def test_explain_rejects_malformed_attribute() -> None:
     result = policyd("explain", "--config", str(EXAMPLE), "client_address")
     assert result.returncode == 2
     assert "not a name=value attribute" in result.stderr
+
+
+def test_explain_names_outbound_profile(tmp_path: Path) -> None:
+    """explain prints the outbound profile an allowed relay will use, never its password."""
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2-not-shown\n")
+    secret.chmod(0o600)
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        "listen: {policy: 'inet:127.0.0.1:10040'}\n"
+        "relay: {allow: {client_networks: [192.0.2.0/24]}}\n"
+        "outbound:\n  domains:\n"
+        "    partner.example: {auth: cleartext, username: relay@partner.example,\n"
+        f"                      password_file: {secret}, nexthop: '[smtp.partner.example]:587'}}\n"
+    )
+    result = policyd(
+        "explain",
+        "--config",
+        str(config),
+        "client_address=192.0.2.7",
+        "recipient=u@partner.example",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "outbound: outbound.domains.partner.example: auth cleartext as relay@partner.example "
+        "via [smtp.partner.example]:587 TLS required"
+    ) in result.stdout.splitlines()
+    check = policyd("check-config", "--config", str(config))
+    assert "hunter2-not-shown" not in result.stdout + result.stderr + check.stdout + check.stderr

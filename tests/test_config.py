@@ -165,18 +165,3 @@ def test_never_sasl_usernames_casefolded() -> None:
     """The never-list of SASL names is stored case-folded."""
     config = parse_config(LISTEN + "relay: {never: {sasl_usernames: [Bob@Example.COM]}}\n")
     assert config.relay.never_sasl_usernames == frozenset({"bob@example.com"})
-
-
-def test_outbound_parsed() -> None:
-    """outbound.default and outbound.domains are validated and kept (served in a later step)."""
-    config = parse_config(
-        LISTEN
-        + "outbound:\n  default: {auth: none}\n  domains:\n"
-        + "    partner.example: {auth: cleartext, username: relay@partner.example,"
-        + " password_file: /etc/policyd/secrets/partner, nexthop: '[smtp.partner.example]:587'}\n"
-        + "    corp.example: {auth: ntlm, username: 'CORP\\svc', password_env: CORP_PW}\n"
-    )
-    assert config.outbound.default.auth == "none"
-    domains = dict(config.outbound.domains)
-    assert domains["partner.example"].nexthop == "[smtp.partner.example]:587"
-    assert domains["corp.example"].auth == "ntlm"

@@ -110,7 +110,9 @@ def test_bad_connection_does_not_affect_others(policyd: PolicydProcess) -> None:
         bad.close()
         good.close()
     policyd.wait_for_log("protocol_error", "reason=invalid_utf8")
-    assert 'policyd_protocol_errors_total{reason="invalid_utf8"} 1.0' in scrape(policyd)
+    assert 'policyd_protocol_errors_total{listener="policy",reason="invalid_utf8"} 1.0' in scrape(
+        policyd
+    )
 
 
 def scrape(process: PolicydProcess) -> str:

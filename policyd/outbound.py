@@ -1,0 +1,194 @@
+"""Outbound authentication: profile selection and the socketmap tables Postfix reads.
+
+Pure: built once from a validated configuration, then answers lookups from dicts. Postfix asks
+two maps (see reference/postfix-interfaces.md §3):
+
+- ``transport`` (``transport_maps``): the recipient address or domain → ``policyd-<kind>:nexthop``,
+  a transport defined in postfix-examples/master.cf for that kind of authentication;
+- ``sasl_passwd`` (``smtp_sasl_password_maps``): the remote host name, then the next hop exactly
+  as written (brackets and port) → ``account:password``.
+
+Passwords live in ``Secret`` objects whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from policyd.address import DomainSet, normalize_domain
+
+AuthKind = Literal["none", "cleartext", "ntlm"]
+TlsLevel = Literal["encrypt", "may"]
+
+#: Transport names, one per kind of authentication, as defined in postfix-examples/master.cf.
+TRANSPORTS: dict[str, str] = {
+    "none": "policyd-none",
+    "cleartext": "policyd-cleartext",
+    "cleartext-notls": "policyd-cleartext-notls",
+    "ntlm": "policyd-ntlm",
+}
+
+
+class Secret:
+    """A password. Its value is only reachable through ``reveal()``; it never prints."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The password itself, for the sasl_passwd answer and nothing else."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundProfile:
+    """One profile: ``outbound.default`` or ``outbound.domains.<domain>``.
+
+    ``path`` is its key path, used as the profile's name in logs and ``explain``.
+    """
+
+    path: str = "outbound.default"
+    auth: AuthKind = "none"
+    username: str = ""
+    password: Secret | None = None
+    nexthop: str = ""
+    tls: TlsLevel = "may"
+    allow_plaintext: bool = False
+
+    @property
+    def transport(self) -> str:
+        """The master.cf transport that delivers with this profile's authentication."""
+        if self.auth == "cleartext" and self.tls != "encrypt":
+            return TRANSPORTS["cleartext-notls"]
+        return TRANSPORTS[self.auth]
+
+    def describe(self) -> str:
+        """One line for ``explain`` and logs: never the password."""
+        parts = [f"{self.path}: auth {self.auth}"]
+        if self.username:
+            parts.append(f"as {self.username}")
+        parts.append(f"via {self.nexthop}" if self.nexthop else "via the domain's MX")
+        if self.auth == "cleartext":
+            parts.append("TLS required" if self.tls == "encrypt" else "TLS optional")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """The ``outbound`` section: a default and overrides keyed by normalised domain."""
+
+    default: OutboundProfile = OutboundProfile()
+    domains: tuple[tuple[str, OutboundProfile], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The profile a recipient domain will use, with the next hop Postfix is told."""
+
+    profile: OutboundProfile
+    nexthop: str  # "" when Postfix's own routing (default transport, relayhost) applies
+
+    @property
+    def transport_answer(self) -> str | None:
+        """The ``transport`` map value, or None for NOTFOUND (Postfix's default delivery)."""
+        if self.profile.auth == "none" and not self.nexthop:
+            return None
+        return f"{self.profile.transport}:{self.nexthop}"
+
+
+class CredentialConflict(ValueError):
+    """Two profiles need different credentials for the same next hop."""
+
+    def __init__(self, key: str, first: str, second: str) -> None:
+        self.key = key
+        self.first = first
+        self.second = second
+        super().__init__(
+            f"next hop {key!r} already has other credentials from {first}: one next hop "
+            "can only log in with one account"
+        )
+
+
+class OutboundTables:
+    """Compiled outbound profiles: selection by domain and the two socketmap tables."""
+
+    def __init__(self, outbound: Outbound, local_domains: DomainSet) -> None:
+        self.outbound = outbound
+        self.local_domains = local_domains
+        self._overrides = dict(outbound.domains)
+        self._sasl: dict[str, tuple[str, OutboundProfile]] = {}
+        host_owners: dict[str, set[tuple[str, str]]] = {}
+        host_answers: dict[str, tuple[str, OutboundProfile]] = {}
+        keyed = [(outbound.default.nexthop, outbound.default)] + [
+            (profile.nexthop or domain, profile) for domain, profile in outbound.domains
+        ]
+        for key_text, profile in keyed:
+            if profile.auth == "none" or profile.password is None or not key_text:
+                continue
+            key = key_text.lower()
+            answer = f"{profile.username}:{profile.password.reveal()}"
+            known = self._sasl.get(key)
+            if known is not None and known[0] != answer:
+                raise CredentialConflict(key_text, known[1].path, profile.path)
+            self._sasl.setdefault(key, (answer, profile))
+            host = nexthop_host(key)
+            if host != key:
+                host_owners.setdefault(host, set()).add((answer, profile.path))
+                host_answers.setdefault(host, (answer, profile))
+        # Postfix asks for the remote host name before the next hop. Answer it only when every
+        # profile reaching that host agrees; otherwise the next-hop key decides.
+        for host, owners in host_owners.items():
+            if len({answer for answer, _ in owners}) == 1 and host not in self._sasl:
+                self._sasl[host] = host_answers[host]
+
+    def select(self, domain: str | None) -> Selection:
+        """The profile for mail to ``domain`` (raw or normalised; None → the default)."""
+        profile = self.outbound.default
+        nexthop = profile.nexthop
+        if domain:
+            try:
+                normal = normalize_domain(domain)
+            except ValueError:
+                normal = ""
+            override = self._overrides.get(normal)
+            if override is not None:
+                # An override without a next hop delivers to the domain itself (its MX),
+                # never to the default's smart host.
+                return Selection(override, override.nexthop or normal)
+        return Selection(profile, nexthop)
+
+    def transport(self, key: str) -> str | None:
+        """The ``transport`` map: recipient address or domain → answer, None = NOTFOUND."""
+        if key == "*":
+            return None
+        domain = key.rpartition("@")[2]
+        if not domain or domain in self.local_domains:
+            return None
+        return self.select(domain).transport_answer
+
+    def sasl_passwd(self, key: str) -> str | None:
+        """The ``sasl_passwd`` map: host or next hop → ``account:password``, None = NOTFOUND."""
+        found = self._sasl.get(key.lower())
+        return found[0] if found else None
+
+
+def nexthop_host(nexthop: str) -> str:
+    """The host inside a next hop: ``[smtp.example]:587`` → ``smtp.example``."""
+    if nexthop.startswith("["):
+        return nexthop[1:].partition("]")[0]
+    host, _, port = nexthop.rpartition(":")
+    return host if host and port.isdigit() else nexthop
