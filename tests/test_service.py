@@ -269,6 +269,18 @@ def test_unix_and_ipv6_listeners(tmp_path: Path) -> None:
             assert process.wait(timeout=20) == 0
 
 
+def run_serve(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `policyd serve` expecting it to exit by itself (bounded)."""
+    return subprocess.run(
+        [sys.executable, "-m", "policyd", "serve", "--config", str(config_path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_config_error_at_start_exits_nonzero_nothing_listening(tmp_path: Path) -> None:
     """A bad configuration at start: exit 1, the message with path and line, no listener."""
     port = free_port("127.0.0.1")
@@ -277,14 +289,7 @@ def test_config_error_at_start_exits_nonzero_nothing_listening(tmp_path: Path) -
         f"listen:\n  policy: inet:127.0.0.1:{port}\nrelay:\n  allow:\n"
         "    client_networks: [10.0.0.0/33]\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "policyd", "serve", "--config", str(config_path)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_serve(config_path)
     assert result.returncode == 1
     assert (
         "relay.allow.client_networks[0]: '10.0.0.0/33' is not a network (bad.yaml:5)"
@@ -302,14 +307,7 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         config_path = tmp_path / "p.yaml"
         config_path.write_text(f"listen: {{policy: 'inet:127.0.0.1:{port}'}}\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "policyd", "serve", "--config", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_serve(config_path)
     assert result.returncode == 3
     assert "cannot listen" in result.stderr
 
