@@ -338,3 +338,44 @@ def test_parser_round_trip(attributes: dict[str, str], chunk: int) -> None:
     assert harness.errors == []
     assert harness.requests == [attributes]
     assert transport.value() == b"action=DUNNO 1\n\n"
+
+
+def test_partial_request_limits_apply_before_the_end() -> None:
+    """An unfinished request is refused as soon as it breaks a limit, fed one byte at a time."""
+    for data, limits, reason in (
+        (
+            b"request=smtpd_access_policy\nsender=" + b"a" * 600,
+            Limits(max_line_bytes=512),
+            "line_too_long",
+        ),
+        (b"a=1\n" * 12, Limits(max_attributes=10), "too_many_attributes"),
+        (
+            b"".join(b"attr%d=%s\n" % (i, b"x" * 100) for i in range(20)),
+            Limits(max_line_bytes=512, max_request_bytes=1024),
+            "request_too_large",
+        ),
+    ):
+        harness = Harness(limits)
+        protocol, transport = harness.connect()
+        for index in range(len(data)):
+            protocol.dataReceived(data[index : index + 1])
+            if transport.disconnecting:
+                break
+        assert harness.errors == [reason]
+        assert transport.disconnecting
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=40))
+def test_crlf_requests_in_any_chunking(cuts: list[int]) -> None:
+    """CRLF-terminated pipelined requests, cut anywhere (also inside the end marker), parse."""
+    data = REQUEST.replace(b"\n", b"\r\n") * 3
+    harness = Harness()
+    protocol, transport = harness.connect()
+    position = 0
+    for cut in cuts:
+        protocol.dataReceived(data[position : position + cut])
+        position += cut
+    protocol.dataReceived(data[position:])
+    assert harness.errors == []
+    assert transport.value() == b"action=DUNNO 1\n\naction=DUNNO 2\n\naction=DUNNO 3\n\n"
+    assert all(r["recipient"] == "user@remote.example" for r in harness.requests)

@@ -6,6 +6,7 @@ import signal
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,7 +17,6 @@ from twisted.internet.testing import StringTransport
 
 from policyd.socketmap import MAX_REQUEST_BYTES, SocketmapFactory, SocketmapProtocol
 from tests.e2e.policyd_process import PolicydProcess
-from tests.e2e.postfix import free_port
 
 
 def netstring(payload: bytes) -> bytes:
@@ -140,13 +140,7 @@ def test_service_socketmap_over_socket(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("s3cret-pw\n")
     secret.chmod(0o600)
-    port = free_port("127.0.0.1")
-    metrics = free_port("127.0.0.1")
-    config = {
-        "listen": {
-            "socketmap": f"inet:127.0.0.1:{port}",
-            "metrics": f"inet:127.0.0.1:{metrics}",
-        },
+    config: dict[str, Any] = {
         "local_domains": ["local.example"],
         "outbound": {
             "domains": {
@@ -159,7 +153,8 @@ def test_service_socketmap_over_socket(tmp_path: Path) -> None:
             }
         },
     }
-    process = PolicydProcess(config, tmp_path / "run")
+    process = PolicydProcess(config, tmp_path / "run", metrics=True)
+    port, metrics = process.socketmap_port, process.metrics_port
     process.start()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -6,7 +6,10 @@ root); as non-root without that variable they fail too.
 
 Each test module gets one policyd and one Postfix (module scope), so a module runs in seconds.
 A module sets its own policyd rules by overriding the ``policyd_config`` fixture; the Postfix
-listener addresses come from ``smtp_listeners`` so that the rules can name them.
+listener addresses come from ``smtp_listeners`` so that the rules can name them. policyd always
+gets a socketmap listener too, since the shipped main.cf points transport_maps and
+smtp_sasl_password_maps at it (test_outbound_e2e.py overrides ``policyd`` and ``postfix`` to add
+a metrics listener and real SMTP delivery).
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def e2e_preflight() -> None:
         )
     if shutil.which("script") is None:
         pytest.fail("`script` (util-linux) not found; it surfaces postfix(1) errors", pytrace=False)
+    if shutil.which("openssl") is None:
+        pytest.fail(
+            "`openssl` not found: the outbound tests make their TLS certificate with it "
+            f"(Debian package openssl, a dependency of postfix); {INSTALL_HINT}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,10 @@ def postfix(
 ) -> Iterator[PostfixInstance]:
     """A private Postfix that asks ``policyd`` through postfix-examples/main.cf."""
     instance = PostfixInstance(
-        policy_port=policyd.port, listeners=smtp_listeners, basedir=e2e_dir / "postfix"
+        policy_port=policyd.port,
+        socketmap_port=policyd.socketmap_port,
+        listeners=smtp_listeners,
+        basedir=e2e_dir / "postfix",
     )
     try:
         instance.start()

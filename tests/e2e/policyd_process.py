@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import signal
 import socket
 import subprocess
@@ -25,8 +26,10 @@ class PolicydProcess:
     """policyd serving ``config`` on ``inet:127.0.0.1:<port>``, stderr captured to a file.
 
     ``config`` is the YAML document as a dict; ``listen.policy`` is filled in with the port
-    (a free one unless given). The process is started with ``--verbose`` so every decision is
-    logged, and is only ever signalled by its own PID.
+    (a free one unless given), ``listen.socketmap`` with another free port (Postfix's
+    transport_maps and smtp_sasl_password_maps point at it; ``socketmap=False`` leaves it out)
+    and, with ``metrics=True``, ``listen.metrics`` with a third. The process is started with
+    ``--verbose`` so every decision is logged, and is only ever signalled by its own PID.
     """
 
     def __init__(
@@ -36,13 +39,25 @@ class PolicydProcess:
         *,
         port: int | None = None,
         host: str = "127.0.0.1",
+        socketmap: bool = True,
+        metrics: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self.socketmap_port = free_port(host) if socketmap else None
+        self.metrics_port = free_port(host) if metrics else None
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = copy.deepcopy(config)
-        self.config.setdefault("listen", {})["policy"] = f"inet:{host}:{self.port}"
+        listen = self.config.setdefault("listen", {})
+        listen["policy"] = f"inet:{host}:{self.port}"
+        if self.socketmap_port is not None:
+            listen["socketmap"] = f"inet:{host}:{self.socketmap_port}"
+        if self.metrics_port is not None:
+            listen["metrics"] = f"inet:{host}:{self.metrics_port}"
+        # Extra environment for policyd (e.g. a password_env secret), on top of ours.
+        self.env = {**os.environ, **(env or {})}
         self.config_path = workdir / "policyd.yaml"
         self.log_path = workdir / "policyd.log"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -52,6 +67,17 @@ class PolicydProcess:
     @property
     def endpoint(self) -> str:
         return f"inet:{self.host}:{self.port}"
+
+    @property
+    def socketmap_endpoint(self) -> str:
+        """``inet:HOST:PORT`` of policyd's socketmap server (Postfix table notation)."""
+        if self.socketmap_port is None:
+            raise PolicydError("this policyd runs without a socketmap listener")
+        return f"inet:{self.host}:{self.socketmap_port}"
+
+    def ports(self) -> list[int]:
+        """Every TCP port policyd listens on (policy, and socketmap/metrics if configured)."""
+        return [p for p in (self.port, self.socketmap_port, self.metrics_port) if p is not None]
 
     @property
     def argv(self) -> list[str]:
@@ -66,7 +92,7 @@ class PolicydProcess:
         ]
 
     def start(self, timeout: float = 20) -> None:
-        """Start policyd; return once its policy port accepts connections (bounded)."""
+        """Start policyd; return once all its ports accept connections (bounded)."""
         if self.process is not None and self.process.poll() is None:
             raise PolicydError(f"policyd already runs as PID {self.process.pid}")
         with self.log_path.open("ab") as log:
@@ -78,10 +104,12 @@ class PolicydProcess:
                 stdout=log,
                 stderr=log,
                 cwd=self.workdir,
+                env=self.env,
             )
         self.returncode = None
         deadline = time.monotonic() + timeout
-        while True:
+        waiting = self.ports()
+        while waiting:
             exited = self.process.poll()
             if exited is not None:
                 self.returncode = exited
@@ -92,13 +120,14 @@ class PolicydProcess:
                 )
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=1),
+                socket.create_connection((self.host, waiting[0]), timeout=1),
             ):
-                return
+                waiting.pop(0)
+                continue
             if time.monotonic() >= deadline:
                 self.stop()
                 raise PolicydError(
-                    f"policyd did not listen on {self.endpoint} within {timeout}s\n"
+                    f"policyd did not listen on {self.host}:{waiting[0]} within {timeout}s\n"
                     f"--- log ---\n{self.log_text()}"
                 )
             time.sleep(0.05)
@@ -127,6 +156,19 @@ class PolicydProcess:
         self.returncode = process.returncode
         self.process = None
         return self.returncode
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m policyd ARGS...`` with this process's environment (not the server)."""
+        return subprocess.run(
+            [sys.executable, "-m", "policyd", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.workdir,
+            check=False,
+        )
 
     def log_text(self) -> str:
         """Everything policyd wrote to stdout/stderr so far (all runs of this object)."""

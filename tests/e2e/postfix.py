@@ -14,14 +14,18 @@ How the instance is set up (see reference/postfix-sandbox-pitfalls.md for the wh
   ``smtp_dns_support_level = disabled``), ``inet_interfaces = 127.0.0.1``;
 * one ``smtpd`` master.cf line per listener (``127.0.0.1:P1``, ``127.0.0.2:P2``, ...), since
   ``inet_interfaces`` cannot list several loopback addresses;
-* ``mydestination = local.example, localhost``; every transport is ``discard:`` so accepted
-  mail is thrown away instead of being delivered;
+* ``mydestination = local.example, localhost``; by default every transport is ``discard:`` so
+  accepted mail is thrown away instead of being delivered; with ``deliver=True`` (the outbound
+  tests) ``default_transport`` and ``relay_transport`` are real ``smtp`` instead, and mail leaves
+  through the transports policyd's ``transport`` table names;
 * ``mynetworks = 127.0.0.0/8`` on purpose: every test client is in "mynetworks", so a relay
   placement that consulted ``permit_mynetworks`` would let the "outside" clients relay and the
   tests would notice;
-* ``postfix-examples/main.cf`` is appended **unchanged** except for the policy endpoint's port
-  (``inet:127.0.0.1:10040`` becomes ``inet:127.0.0.1:<policy_port>``), so the relay placement
-  under test is exactly the one shipped to administrators;
+* ``postfix-examples/main.cf`` is appended **unchanged** except for the endpoints' ports
+  (``inet:127.0.0.1:10040`` becomes ``inet:127.0.0.1:<policy_port>``, the socketmap's
+  ``inet:127.0.0.1:10041`` becomes ``inet:127.0.0.1:<socketmap_port>``), and
+  ``postfix-examples/master.cf`` is appended to master.cf **unchanged**, so the relay placement
+  and the outbound transports under test are exactly the ones shipped to administrators;
 * optional Cyrus SASL (``smtpd_sasl_auth_enable = yes``) with a sasldb under the instance
   directory. PLAIN/LOGIN are offered over plaintext loopback connections: acceptable for a test
   bound to 127.0.0.0/8, never for production (use ``smtpd_tls_auth_only = yes`` there).
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import pwd
 import shlex
@@ -44,14 +49,25 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_MAIN_CF = REPO_ROOT / "postfix-examples" / "main.cf"
-# The endpoint written in postfix-examples/main.cf; the harness swaps in its own port.
+EXAMPLE_MASTER_CF = REPO_ROOT / "postfix-examples" / "master.cf"
+# The endpoints written in postfix-examples/main.cf; the harness swaps in its own ports.
 EXAMPLE_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
+EXAMPLE_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
 
-POSTFIX_COMMANDS = ("postfix", "postconf", "saslpasswd2")
+POSTFIX_COMMANDS = ("postfix", "postconf", "postmap", "postqueue", "saslpasswd2")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (for config comments)."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 class PostfixError(RuntimeError):
@@ -108,27 +124,36 @@ class PostfixInstance:
 
     Usage::
 
-        pf = PostfixInstance(policy_port=10040, listeners=[("127.0.0.1", 2525)])
+        pf = PostfixInstance(policy_port=10040, socketmap_port=10041,
+                             listeners=[("127.0.0.1", 2525)])
         pf.start()          # returns once every listener answers with a 220 banner
         ...
         pf.stop()           # `postfix stop`, waits for the master process to exit
         pf.cleanup()        # removes the instance directory
 
     ``listeners`` are (address, port) pairs, one ``smtpd`` service each; the default is
-    127.0.0.1 and 127.0.0.2, each on a free port.
+    127.0.0.1 and 127.0.0.2, each on a free port. ``socketmap_port`` is policyd's socketmap
+    listener (required when the shipped main.cf names one). ``deliver=True`` makes
+    ``default_transport``/``relay_transport`` real ``smtp`` instead of ``discard:``.
     """
 
     def __init__(
         self,
         policy_port: int,
         *,
+        socketmap_port: int | None = None,
         listeners: Sequence[tuple[str, int]] | None = None,
         local_domain: str = "local.example",
         sasl: bool = True,
+        deliver: bool = False,
         basedir: Path | None = None,
         example_main_cf: Path = EXAMPLE_MAIN_CF,
+        example_master_cf: Path = EXAMPLE_MASTER_CF,
     ) -> None:
         self.policy_port = policy_port
+        self.socketmap_port = socketmap_port
+        self.deliver = deliver
+        self.example_master_cf = example_master_cf
         self.listeners: list[tuple[str, int]] = (
             list(listeners)
             if listeners is not None
@@ -156,6 +181,8 @@ class PostfixInstance:
 
         self._postfix = self._command("postfix")
         self._postconf = self._command("postconf")
+        self._postmap = self._command("postmap")
+        self._postqueue = self._command("postqueue")
         self._configured = False
         self._started = False
 
@@ -177,7 +204,7 @@ class PostfixInstance:
         return self.listeners[0]
 
     def shipped_relay_settings(self) -> str:
-        """``postfix-examples/main.cf`` with only the policy port replaced by ours."""
+        """``postfix-examples/main.cf`` with only the policy and socketmap ports replaced."""
         text = self.example_main_cf.read_text()
         if EXAMPLE_POLICY_ENDPOINT not in text:
             raise PostfixError(
@@ -185,7 +212,19 @@ class PostfixInstance:
                 f"{EXAMPLE_POLICY_ENDPOINT!r}; the e2e harness cannot point it at the test "
                 "policyd without rewriting the placement under test"
             )
-        return text.replace(EXAMPLE_POLICY_ENDPOINT, f"inet:127.0.0.1:{self.policy_port}")
+        text = text.replace(EXAMPLE_POLICY_ENDPOINT, f"inet:127.0.0.1:{self.policy_port}")
+        if EXAMPLE_SOCKETMAP_ENDPOINT in text:
+            if self.socketmap_port is None:
+                raise PostfixError(
+                    f"{self.example_main_cf} names policyd's socketmap "
+                    f"{EXAMPLE_SOCKETMAP_ENDPOINT!r}: give PostfixInstance a socketmap_port"
+                )
+            text = text.replace(EXAMPLE_SOCKETMAP_ENDPOINT, f"inet:127.0.0.1:{self.socketmap_port}")
+        return text
+
+    def shipped_master_cf(self) -> str:
+        """``postfix-examples/master.cf``, unchanged."""
+        return self.example_master_cf.read_text()
 
     def _main_cf(self) -> str:
         d = self.local_domain
@@ -215,11 +254,24 @@ class PostfixInstance:
             "smtp_dns_support_level = disabled",
             "smtp_host_lookup = native",
             "",
-            "# Accepted mail goes nowhere",
-            "local_transport = discard:",
-            "default_transport = discard:",
-            "relay_transport = discard:",
-            "virtual_transport = discard:",
+            *(
+                [
+                    "# Remote mail leaves over SMTP (transport_maps picks the policyd-* transport)",
+                    "local_transport = discard:",
+                    "default_transport = smtp",
+                    "relay_transport = smtp",
+                    "virtual_transport = discard:",
+                    "smtp_tls_loglevel = 1",
+                ]
+                if self.deliver
+                else [
+                    "# Accepted mail goes nowhere",
+                    "local_transport = discard:",
+                    "default_transport = discard:",
+                    "relay_transport = discard:",
+                    "virtual_transport = discard:",
+                ]
+            ),
             "alias_maps =",
             "alias_database =",
             "local_recipient_maps =",
@@ -244,8 +296,9 @@ class PostfixInstance:
             lines += ["", "smtpd_sasl_auth_enable = no"]
         lines += [
             "",
-            f"# ---- {self.example_main_cf.relative_to(REPO_ROOT)} as shipped "
-            f"(policy port {self.policy_port} instead of 10040) ----",
+            f"# ---- {_shown(self.example_main_cf)} as shipped "
+            f"(policy port {self.policy_port} instead of 10040, "
+            f"socketmap port {self.socketmap_port} instead of 10041) ----",
             self.shipped_relay_settings(),
         ]
         return "\n".join(lines) + "\n"
@@ -257,6 +310,9 @@ class PostfixInstance:
             "pickup    unix  n - n 60    1 pickup",
             "cleanup   unix  n - n -     0 cleanup",
             "qmgr      unix  n - n 300   1 qmgr",
+            # Without tlsmgr the smtp client has "no entropy for TLS key generation" and
+            # disables TLS: smtp_tls_security_level=encrypt then defers every delivery.
+            "tlsmgr    unix  - - n 1000? 1 tlsmgr",
             "rewrite   unix  - - n -     - trivial-rewrite",
             "bounce    unix  - - n -     0 bounce",
             "defer     unix  - - n -     0 bounce",
@@ -276,7 +332,12 @@ class PostfixInstance:
             "scache    unix  - - n -     1 scache",
             "postlog   unix-dgram n - n - 1 postlogd",
         ]
-        return "# Generated by tests/e2e/postfix.py\n" + "\n".join(services) + "\n"
+        return (
+            "# Generated by tests/e2e/postfix.py\n"
+            + "\n".join(services)
+            + f"\n\n# ---- {_shown(self.example_master_cf)} as shipped ----\n"
+            + self.shipped_master_cf()
+        )
 
     def configure(self) -> None:
         """Write the configuration and create the directories (idempotent)."""
@@ -346,6 +407,66 @@ class PostfixInstance:
                 raise PostfixError(f"postconf {name} failed: {result.stderr.strip()}")
             values[name] = result.stdout.strip()
         return values
+
+    def master_services(self) -> dict[str, tuple[str, dict[str, str]]]:
+        """master.cf as Postfix parses it: service name -> (command, its ``-o`` overrides),
+        from ``postconf -F`` and ``postconf -P``."""
+        services: dict[str, tuple[str, dict[str, str]]] = {}
+        for flag in ("-F", "-P"):
+            result = subprocess.run(
+                [self._postconf, "-c", str(self.config_dir), flag],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise PostfixError(f"postconf {flag} failed: {result.stderr.strip()}")
+            for line in result.stdout.splitlines():
+                path, _, value = line.partition(" = ")
+                name, _type, field = path.split("/", 2)
+                _command, options = services.setdefault(name, ("", {}))
+                if flag == "-F" and field == "command":
+                    services[name] = (value.split()[0], options)
+                elif flag == "-P":
+                    options[field] = value
+        return services
+
+    def postmap_query(self, key: str, table: str) -> subprocess.CompletedProcess[str]:
+        """``postmap -c DIR -q KEY TABLE`` (exit 0 and the value when found, 1 when not)."""
+        return subprocess.run(
+            [self._postmap, "-c", str(self.config_dir), "-q", key, table],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def flush_queue(self) -> None:
+        """``postqueue -f``: ask the queue manager to retry deferred mail now."""
+        subprocess.run(
+            [self._postqueue, "-c", str(self.config_dir), "-f"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The queue as ``postqueue -j`` reports it: one dict per message (queue_name,
+        queue_id, sender, recipients[{address, delay_reason?}], ...)."""
+        result = subprocess.run(
+            [self._postqueue, "-c", str(self.config_dir), "-j"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise PostfixError(f"postqueue -j failed: {result.stderr.strip()}")
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
     # ------------------------------------------------------------------------------- processes
 
@@ -462,6 +583,21 @@ class PostfixInstance:
             return self.maillog_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def wait_for_maillog(self, *needles: str, timeout: float = 30, after: int = 0) -> str:
+        """The first maillog line containing every needle, waiting (bounded) for it; ``after``
+        skips that many characters of the log (``len(maillog())`` taken earlier)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.maillog()[after:].splitlines():
+                if all(needle in line for needle in needles):
+                    return line
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"no maillog line contains all of {needles!r} within {timeout}s\n"
+                    f"--- maillog tail ---\n{self.maillog_tail()}"
+                )
+            time.sleep(0.1)
 
     def maillog_tail(self, lines: int = 40) -> str:
         return "\n".join(self.maillog().splitlines()[-lines:])
