@@ -13,6 +13,7 @@ looked-up addresses. An IPv6 entry that merely contains the mapped range (``::/0
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -142,8 +143,11 @@ def parse_network(text: str) -> IPNetwork:
     return _parse_cidr(text, stripped, "a network")
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_client_address(text: str) -> IPAddress | None:
     """Parse Postfix's ``client_address`` or ``server_address`` value.
+
+    Cached: the same clients and the same server addresses come back for every recipient.
 
     Returns the IPv4 or IPv6 address, or None for anything that is not exactly one (empty,
     ``unknown``, surrounding whitespace, garbage). An IPv4-mapped IPv6 address

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from policyd.config import Config, ConfigError, Endpoint, load_config
-from policyd.decision import Decision, Verdict, decide, error_decision
+from policyd.decision import Decision, Rule, Verdict, decide, error_decision
 from policyd.metrics import Metrics
 from policyd.protocol import PolicyFactory
 from policyd.request import PolicyRequest
@@ -62,6 +62,8 @@ class PolicyService:
         )
         self.socketmap_factory = SocketmapFactory(self.lookup, self.report_socketmap_error)
         self.ports: list[IListeningPort] = []
+        # Labelled children looked up once, not per request.
+        self._decision_counters: dict[tuple[Verdict, Rule], Any] = {}
         self.metrics.config_last_reload.set(time.time())
 
     # -- requests --------------------------------------------------------------------------
@@ -79,7 +81,13 @@ class PolicyService:
             decision = error_decision(config)
         metrics = self.metrics
         metrics.requests.inc()
-        metrics.decisions.labels(verdict=decision.verdict.value, rule=decision.rule.value).inc()
+        key = (decision.verdict, decision.rule)
+        counter = self._decision_counters.get(key)
+        if counter is None:
+            counter = self._decision_counters[key] = metrics.decisions.labels(
+                verdict=decision.verdict.value, rule=decision.rule.value
+            )
+        counter.inc()
         if decision.outbound is not None:
             metrics.relay_outbound.labels(auth=decision.outbound.auth).inc()
         metrics.request_duration.observe(time.perf_counter() - started)
