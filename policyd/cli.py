@@ -181,7 +181,7 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
         return EXIT_LISTEN
 
     def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload)
+        reactor.callFromThread(service.reload_in_thread)
 
     signal.signal(signal.SIGHUP, on_hup)
     reactor.addSystemEventTrigger("before", "shutdown", service.stop)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client.twisted import MetricsResource
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
@@ -62,6 +62,8 @@ class PolicyService:
         )
         self.socketmap_factory = SocketmapFactory(self.lookup, self.report_socketmap_error)
         self.ports: list[IListeningPort] = []
+        self._reloading = False
+        self._reload_again = False
         # Labelled children looked up once, not per request.
         self._decision_counters: dict[tuple[Verdict, Rule], Any] = {}
         self.metrics.config_last_reload.set(time.time())
@@ -144,17 +146,57 @@ class PolicyService:
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read the file and its ``file:`` lists; swap in on success, keep the old on failure."""
+        """Re-read the file and its ``file:`` lists; swap in on success, keep the old on failure.
+
+        Synchronous: the reactor waits while the file is parsed. ``reload_in_thread`` is what
+        SIGHUP uses.
+        """
         try:
             config = load_config(self.config_path)
-        except ConfigError as err:
-            self.metrics.config_reloads.labels(result="failure").inc()
+        except Exception as err:
+            return self._reload_failed(err)
+        return self._apply(config)
+
+    @defer.inlineCallbacks
+    def reload_in_thread(self) -> Any:
+        """Like ``reload``, but parse in a worker thread so requests are answered meanwhile.
+
+        A large configuration (100,000 networks) takes seconds to parse. Reloads never overlap:
+        a SIGHUP during a reload triggers one more reload after it, so the last file wins.
+        """
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        try:
+            while True:
+                self._reload_again = False
+                try:
+                    config = yield threads.deferToThreadPool(
+                        self.reactor, self.reactor.getThreadPool(), load_config, self.config_path
+                    )
+                except Exception as err:
+                    self._reload_failed(err)
+                else:
+                    self._apply(config)
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = False
+
+    def _reload_failed(self, err: Exception) -> bool:
+        self.metrics.config_reloads.labels(result="failure").inc()
+        if isinstance(err, ConfigError):
             log.error("reload failed, keeping the running configuration: %s", err)
-            return False
-        except Exception:
-            self.metrics.config_reloads.labels(result="failure").inc()
-            log.exception("reload failed, keeping the running configuration")
-            return False
+        else:
+            log.error(
+                "reload failed, keeping the running configuration",
+                exc_info=(type(err), err, err.__traceback__),
+            )
+        return False
+
+    def _apply(self, config: Config) -> bool:
+        """Swap in a loaded configuration: one reference assignment."""
         if config.listen != self.config.listen:
             log.warning("reload: changes to listen take effect only at restart")
         for warning in config.warnings:
