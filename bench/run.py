@@ -36,8 +36,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
+for _path in (BENCH_DIR, REPO_ROOT):  # bench modules, and the tests' process helpers
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import workload  # noqa: E402
 from load import LoadResult, run_load  # noqa: E402

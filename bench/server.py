@@ -7,14 +7,14 @@ only ever signalled by its own PID: SIGTERM, a bounded wait, then SIGKILL.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.e2e.policyd_process import terminate
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -76,17 +76,8 @@ class PolicydServer:
         process = self.process
         if process is None:
             return None
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait(timeout=timeout)
         self.process = None
-        return process.returncode
+        return terminate(process, timeout)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the policyd process has used so far (from /proc/PID/stat)."""

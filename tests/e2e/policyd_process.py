@@ -18,6 +18,20 @@ import yaml
 from .postfix import free_port
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM ``process`` by its PID, wait (bounded), SIGKILL if it is still there."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout=timeout)
+    return process.returncode
+
+
 class PolicydError(RuntimeError):
     """policyd did not start or stop as expected."""
 
@@ -144,16 +158,7 @@ class PolicydProcess:
         process = self.process
         if process is None:
             return self.returncode
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait(timeout=timeout)
-        self.returncode = process.returncode
+        self.returncode = terminate(process, timeout)
         self.process = None
         return self.returncode
 
