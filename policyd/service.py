@@ -74,7 +74,6 @@ class PolicyService:
         """Decide one request and record it. Never raises: a failure answers ``replies.error``."""
         started = time.perf_counter()
         config = self.config
-        request: PolicyRequest | None = None
         try:
             request = PolicyRequest.from_attributes(attributes)
             decision = decide(config, request)
