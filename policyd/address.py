@@ -164,7 +164,7 @@ class DomainSet:
         self._exact = frozenset(exact)
         self._parents = frozenset(parents)
 
-    def _contains_normalized(self, domain: str) -> bool:
+    def contains_normalized(self, domain: str) -> bool:
         """Membership of a domain already in normalize_domain's form."""
         if domain in self._exact:
             return True
@@ -190,7 +190,7 @@ class DomainSet:
             normalized = normalize_domain(domain)
         except DomainError:
             return False
-        return self._contains_normalized(normalized)
+        return self.contains_normalized(normalized)
 
     def __len__(self) -> int:
         """Number of entries given to the constructor."""
@@ -312,7 +312,7 @@ class _Router:
             domain = normalize_domain(raw)
         except DomainError:
             return _unresolved(f"invalid domain{where}")
-        if self._local_domains._contains_normalized(domain):
+        if self._local_domains.contains_normalized(domain):
             return domain
         if route == "address":
             if domain.startswith("["):

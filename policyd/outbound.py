@@ -157,33 +157,40 @@ class OutboundTables:
 
     def select(self, domain: str | None) -> Selection:
         """The profile for mail to ``domain`` (raw or normalised; None → the default)."""
-        profile = self.outbound.default
-        nexthop = profile.nexthop
-        if domain:
-            try:
-                normal = normalize_domain(domain)
-            except ValueError:
-                normal = ""
-            override = self._overrides.get(normal)
-            if override is not None:
-                # An override without a next hop delivers to the domain itself (its MX),
-                # never to the default's smart host.
-                return Selection(override, override.nexthop or normal)
-        return Selection(profile, nexthop)
+        return self._select_normalized(_normalized_or_empty(domain) if domain else "")
+
+    def _select_normalized(self, domain: str) -> Selection:
+        override = self._overrides.get(domain) if domain else None
+        if override is not None:
+            # An override without a next hop delivers to the domain itself (its MX), never
+            # to the default's smart host.
+            return Selection(override, override.nexthop or domain)
+        default = self.outbound.default
+        return Selection(default, default.nexthop)
 
     def transport(self, key: str) -> str | None:
         """The ``transport`` map: recipient address or domain → answer, None = NOTFOUND."""
         if key == "*":
             return None
-        domain = key.rpartition("@")[2]
-        if not domain or domain in self.local_domains:
+        raw = key.rpartition("@")[2]
+        if not raw:
             return None
-        return self.select(domain).transport_answer
+        domain = _normalized_or_empty(raw)
+        if domain and self.local_domains.contains_normalized(domain):
+            return None
+        return self._select_normalized(domain).transport_answer
 
     def sasl_passwd(self, key: str) -> str | None:
         """The ``sasl_passwd`` map: host or next hop → ``account:password``, None = NOTFOUND."""
         found = self._sasl.get(key.lower())
         return found[0] if found else None
+
+
+def _normalized_or_empty(domain: str) -> str:
+    try:
+        return normalize_domain(domain)
+    except ValueError:
+        return ""
 
 
 def nexthop_host(nexthop: str) -> str:

@@ -66,6 +66,10 @@ class PolicyService:
         self._reload_again = False
         # Labelled children looked up once, not per request.
         self._decision_counters: dict[tuple[Verdict, Rule], Any] = {}
+        self._lookup_counters: dict[tuple[str, str], Any] = {}
+        self._outbound_counters = {
+            auth: metrics.relay_outbound.labels(auth=auth) for auth in ("none", "cleartext", "ntlm")
+        }
         self.metrics.config_last_reload.set(time.time())
 
     # -- requests --------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class PolicyService:
             )
         counter.inc()
         if decision.outbound is not None:
-            metrics.relay_outbound.labels(auth=decision.outbound.auth).inc()
+            self._outbound_counters[decision.outbound.auth].inc()
         metrics.request_duration.observe(time.perf_counter() - started)
         self.log_decision(attributes, decision)
         return decision.action
@@ -130,7 +134,12 @@ class PolicyService:
             log.warning("socketmap map=%s result=perm: unknown map", quote_value(name[:64]))
             return "PERM unknown map (policyd serves transport and sasl_passwd)"
         result = "notfound" if answer is None else "found"
-        self.metrics.socketmap_lookups.labels(map=name, result=result).inc()
+        counter = self._lookup_counters.get((name, result))
+        if counter is None:
+            counter = self._lookup_counters[name, result] = self.metrics.socketmap_lookups.labels(
+                map=name, result=result
+            )
+        counter.inc()
         if log.isEnabledFor(logging.DEBUG):
             shown = "-" if answer is None or name == "sasl_passwd" else answer
             log.debug(
