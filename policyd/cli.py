@@ -11,6 +11,7 @@ Exit codes (the only module that sets them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -162,6 +163,7 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
 
     from prometheus_client import CollectorRegistry
     from twisted.internet import reactor as _reactor
+    from twisted.internet.error import ReactorNotRunning
 
     from policyd.metrics import Metrics
     from policyd.service import PolicyService
@@ -173,18 +175,31 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     service = PolicyService(
         path, config, reactor, Metrics(CollectorRegistry()), log_all_decisions=verbose
     )
-    started = service.start()
     failures: list[Any] = []
-    started.addErrback(failures.append)
-    if failures:
-        print(f"policyd: cannot listen: {failures[0].getErrorMessage()}", file=sys.stderr)
-        return EXIT_LISTEN
+
+    def listen() -> None:
+        # Runs once the reactor is up, so its SIGTERM/SIGINT handlers are in
+        # place before any port accepts: a stop that arrives the moment the
+        # first connection is possible is an orderly one (exit 0), not a kill.
+        def listening(_: object) -> None:
+            log.info("policyd %s serving %s (mode %s)", __version__, path, config.mode)
+
+        def cannot_listen(failure: Any) -> None:
+            failures.append(failure)
+            with contextlib.suppress(ReactorNotRunning):  # a SIGTERM got there first
+                reactor.stop()
+
+        service.start().addCallbacks(listening, cannot_listen)
 
     def on_hup(signum: int, frame: Any) -> None:
         reactor.callFromThread(service.reload_in_thread)
 
+    # Before anything listens, so an early SIGHUP reloads instead of killing.
     signal.signal(signal.SIGHUP, on_hup)
     reactor.addSystemEventTrigger("before", "shutdown", service.stop)
-    log.info("policyd %s serving %s (mode %s)", __version__, path, config.mode)
+    reactor.callWhenRunning(listen)
     reactor.run()
+    if failures:
+        print(f"policyd: cannot listen: {failures[0].getErrorMessage()}", file=sys.stderr)
+        return EXIT_LISTEN
     return EXIT_OK

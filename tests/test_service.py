@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.policyd_process import PolicydProcess
+from tests.e2e.policyd_process import PolicydProcess, terminate
 from tests.e2e.postfix import free_port
 
 RCPT = (
@@ -310,6 +310,52 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         result = run_serve(config_path)
     assert result.returncode == 3
     assert "cannot listen" in result.stderr
+
+
+def signal_once_listening(config_path: Path, port: int, signum: int) -> int:
+    """Start serve, send ``signum`` the moment its port first accepts, then stop it; exit status.
+
+    The connect loop polls with no pause worth the name, so the signal lands as early after
+    the port opens as a client could possibly notice it.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "policyd", "serve", "--config", str(config_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(20_000):  # bounded: about 20 s at most
+            if process.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.001)
+                continue
+            process.send_signal(signum)
+            break
+        if signum != signal.SIGTERM and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=20)
+    finally:
+        terminate(process, timeout=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_signal_right_after_port_opens_is_handled(tmp_path: Path, signum: int) -> None:
+    """SIGTERM or SIGHUP at the first moment the port accepts is handled, never fatal.
+
+    The handlers are in place before anything listens: a SIGTERM is an orderly stop (exit 0),
+    a SIGHUP a reload, not the default action that kills the process with the signal.
+    """
+    for attempt in range(15):
+        port = free_port("127.0.0.1")
+        config_path = tmp_path / f"p{attempt}.yaml"
+        config_path.write_text(
+            yaml.safe_dump({**BASE, "listen": {"policy": f"inet:127.0.0.1:{port}"}})
+        )
+        assert signal_once_listening(config_path, port, signum) == 0, f"attempt {attempt}"
 
 
 def test_thousand_idle_connections_do_not_stall_others(policyd: PolicydProcess) -> None:
