@@ -177,10 +177,28 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     )
     failures: list[Any] = []
 
+    def stop(signum: int) -> None:
+        name = signal.Signals(signum).name
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            log.info("received %s: already stopping", name)
+        else:
+            log.info("received %s", name)
+
+    def on_stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop, signum)
+
     def listen() -> None:
-        # Runs once the reactor is up, so its SIGTERM/SIGINT handlers are in
-        # place before any port accepts: a stop that arrives the moment the
-        # first connection is possible is an orderly one (exit 0), not a kill.
+        # Runs once the reactor is up. Twisted's own SIGTERM/SIGINT handlers
+        # (and the wake-up descriptor that lets a signal interrupt the reactor's
+        # wait) are in place by then; ours replace the handlers so that a second
+        # signal during the stop is noted instead of raising. Either way a stop
+        # that arrives the moment the first port accepts is an orderly one
+        # (exit 0), never the default action that kills the process.
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+
         def listening(_: object) -> None:
             log.info("policyd %s serving %s (mode %s)", __version__, path, config.mode)
 
