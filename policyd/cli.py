@@ -11,7 +11,6 @@ Exit codes (the only module that sets them):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
@@ -177,14 +176,17 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     )
     failures: list[Any] = []
 
-    def stop(signum: int) -> None:
-        name = signal.Signals(signum).name
+    def stop_reactor() -> bool:
+        """Stop the reactor; False if it is already stopping (a second signal, say)."""
         try:
             reactor.stop()
         except ReactorNotRunning:
-            log.info("received %s: already stopping", name)
-        else:
-            log.info("received %s", name)
+            return False
+        return True
+
+    def stop(signum: int) -> None:
+        note = "" if stop_reactor() else ": already stopping"
+        log.info("received %s%s", signal.Signals(signum).name, note)
 
     def on_stop(signum: int, frame: Any) -> None:
         reactor.callFromThread(stop, signum)
@@ -204,8 +206,7 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
 
         def cannot_listen(failure: Any) -> None:
             failures.append(failure)
-            with contextlib.suppress(ReactorNotRunning):  # a SIGTERM got there first
-                reactor.stop()
+            stop_reactor()
 
         service.start().addCallbacks(listening, cannot_listen)
 

@@ -32,6 +32,7 @@ from policyd.networks import (
     parse_server_address,
 )
 from policyd.outbound import (
+    AUTH_KINDS,
     AuthKind,
     CredentialConflict,
     Outbound,
@@ -604,7 +605,7 @@ class _Builder:
             raise self.error(f"{path}.auth", node, "missing (none, cleartext or ntlm)")
         auth_node = section["auth"][1]
         auth = self.string(auth_node, f"{path}.auth")
-        if auth not in ("none", "cleartext", "ntlm"):
+        if auth not in AUTH_KINDS:
             raise self.error(f"{path}.auth", auth_node, f"{auth!r} is not none, cleartext or ntlm")
         kind: AuthKind = (
             "none" if auth == "none" else "cleartext" if auth == "cleartext" else "ntlm"

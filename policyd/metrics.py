@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from policyd.decision import Rule, Verdict
+from policyd.outbound import AUTH_KINDS, AuthKind
 from policyd.protocol import REASONS
 from policyd.socketmap import REASONS as SOCKETMAP_REASONS
 
@@ -99,16 +100,23 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
-        for verdict, rule in DECISION_LABELS:
-            self.decisions.labels(verdict=verdict.value, rule=rule.value)
+        # Every bounded series starts at zero, so dashboards see it; the children the request
+        # paths count in are kept, so counting one is a dict lookup rather than labels().
+        self.decision_counters: dict[tuple[Verdict, Rule], Counter] = {
+            (verdict, rule): self.decisions.labels(verdict=verdict.value, rule=rule.value)
+            for verdict, rule in DECISION_LABELS
+        }
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for reason in REASONS:
             self.protocol_errors.labels(listener="policy", reason=reason)
         for reason in SOCKETMAP_REASONS:
             self.protocol_errors.labels(listener="socketmap", reason=reason)
-        for auth in ("none", "cleartext", "ntlm"):
-            self.relay_outbound.labels(auth=auth)
-        for map_name in ("transport", "sasl_passwd"):
-            for result in ("found", "notfound"):
-                self.socketmap_lookups.labels(map=map_name, result=result)
+        self.outbound_counters: dict[AuthKind, Counter] = {
+            auth: self.relay_outbound.labels(auth=auth) for auth in AUTH_KINDS
+        }
+        self.lookup_counters: dict[tuple[str, str], Counter] = {
+            (map_name, result): self.socketmap_lookups.labels(map=map_name, result=result)
+            for map_name in ("transport", "sasl_passwd")
+            for result in ("found", "notfound")
+        }

@@ -14,11 +14,12 @@ Passwords live in ``Secret`` objects whose ``repr``/``str`` never show the value
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from policyd.address import DomainSet, normalize_domain
 
 AuthKind = Literal["none", "cleartext", "ntlm"]
+AUTH_KINDS: tuple[AuthKind, ...] = get_args(AuthKind)
 TlsLevel = Literal["encrypt", "may"]
 
 #: Transport names, one per kind of authentication, as defined in postfix-examples/master.cf.
@@ -160,7 +161,7 @@ class OutboundTables:
         return self._select_normalized(_normalized_or_empty(domain) if domain else "")
 
     def _select_normalized(self, domain: str) -> Selection:
-        override = self._overrides.get(domain) if domain else None
+        override = self._overrides.get(domain)
         if override is not None:
             # An override without a next hop delivers to the domain itself (its MX), never
             # to the default's smart host.

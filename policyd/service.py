@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from policyd.config import Config, ConfigError, Endpoint, load_config
-from policyd.decision import Decision, Rule, Verdict, decide, error_decision
+from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.metrics import Metrics
 from policyd.protocol import PolicyFactory
 from policyd.request import PolicyRequest
@@ -64,12 +64,6 @@ class PolicyService:
         self.ports: list[IListeningPort] = []
         self._reloading = False
         self._reload_again = False
-        # Labelled children looked up once, not per request.
-        self._decision_counters: dict[tuple[Verdict, Rule], Any] = {}
-        self._lookup_counters: dict[tuple[str, str], Any] = {}
-        self._outbound_counters = {
-            auth: metrics.relay_outbound.labels(auth=auth) for auth in ("none", "cleartext", "ntlm")
-        }
         self.metrics.config_last_reload.set(time.time())
 
     # -- requests --------------------------------------------------------------------------
@@ -86,15 +80,14 @@ class PolicyService:
             decision = error_decision(config)
         metrics = self.metrics
         metrics.requests.inc()
-        key = (decision.verdict, decision.rule)
-        counter = self._decision_counters.get(key)
-        if counter is None:
-            counter = self._decision_counters[key] = metrics.decisions.labels(
+        counter = metrics.decision_counters.get((decision.verdict, decision.rule))
+        if counter is None:  # a pair missing from DECISION_LABELS: still counted
+            counter = metrics.decisions.labels(
                 verdict=decision.verdict.value, rule=decision.rule.value
             )
         counter.inc()
         if decision.outbound is not None:
-            self._outbound_counters[decision.outbound.auth].inc()
+            metrics.outbound_counters[decision.outbound.auth].inc()
         metrics.request_duration.observe(time.perf_counter() - started)
         self.log_decision(attributes, decision)
         return decision.action
@@ -134,12 +127,7 @@ class PolicyService:
             log.warning("socketmap map=%s result=perm: unknown map", quote_value(name[:64]))
             return "PERM unknown map (policyd serves transport and sasl_passwd)"
         result = "notfound" if answer is None else "found"
-        counter = self._lookup_counters.get((name, result))
-        if counter is None:
-            counter = self._lookup_counters[name, result] = self.metrics.socketmap_lookups.labels(
-                map=name, result=result
-            )
-        counter.inc()
+        self.metrics.lookup_counters[name, result].inc()
         if log.isEnabledFor(logging.DEBUG):
             shown = "-" if answer is None or name == "sasl_passwd" else answer
             log.debug(
