@@ -40,6 +40,10 @@ _IPV6_TAG = "ipv6:"
 _MAX_HOPS = 10
 # RFC 5321 caps a path at 256 octets; anything far longer is garbage, not mail to resolve.
 _MAX_ADDRESS_LENGTH = 4096
+# Domains whose destination a DomainSet remembers (a few hundred KiB at most).
+_MAX_MEMO_DOMAINS = 4096
+# Characters that route or quote: an address without them (and with one "@") is plain.
+_ROUTING_OR_QUOTING = re.compile(r'[%!"\\<>]')
 
 
 class DomainError(ValueError):
@@ -144,7 +148,7 @@ class DomainSet:
     entries given.
     """
 
-    __slots__ = ("_count", "_exact", "_parents")
+    __slots__ = ("_count", "_destinations", "_exact", "_parents")
 
     def __init__(self, entries: Iterable[str]) -> None:
         """Compile ``entries``; raises DomainError naming the first bad entry."""
@@ -163,6 +167,8 @@ class DomainSet:
         self._count = count
         self._exact = frozenset(exact)
         self._parents = frozenset(parents)
+        # Destinations of plain ``local@domain`` recipients, by the raw domain (bounded).
+        self._destinations: dict[str, Destination] = {}
 
     def contains_normalized(self, domain: str) -> bool:
         """Membership of a domain already in normalize_domain's form."""
@@ -192,6 +198,21 @@ class DomainSet:
             return False
         return self.contains_normalized(normalized)
 
+    def destination_of_domain(self, raw: str) -> Destination:
+        """Where a recipient ``local@raw`` goes whose local part routes nowhere else.
+
+        The answer depends only on ``raw``: memoized, up to a bounded number of domains (the
+        memo starts afresh when full, so a flood of unique domains cannot grow it).
+        """
+        known = self._destinations.get(raw)
+        if known is None:
+            if len(self._destinations) >= _MAX_MEMO_DOMAINS:
+                self._destinations.clear()
+            checked = _Router(self)._check_hop(raw, "address")
+            known = checked if isinstance(checked, Destination) else _local(checked)
+            self._destinations[raw] = known
+        return known
+
     def __len__(self) -> int:
         """Number of entries given to the constructor."""
         return self._count
@@ -219,6 +240,11 @@ class Destination:
     local: bool
     domain: str | None
     reason: str
+
+
+def _local(domain: str) -> Destination:
+    """Mail to a local domain."""
+    return Destination(True, domain, "local domain")
 
 
 def _unresolved(reason: str) -> Destination:
@@ -376,7 +402,7 @@ class _Router:
             return first_local
         if via is None:
             return Destination(True, None, "bare local part")
-        return Destination(True, via, "local domain")
+        return _local(via)
 
     def _source_route(self, address: str, hops: int, via: str | None) -> Destination:
         """``@hop1,@hop2:rest``: every hop and the rest must be local.
@@ -430,6 +456,16 @@ def resolve_destination(recipient: str, local_domains: DomainSet) -> Destination
         address = address[1:-1]
     if not address:
         return _unresolved("empty address")
+    # The common case, ``local@domain`` with nothing that routes or quotes: where it goes
+    # depends on the domain alone (the full reading below gives the same answer).
+    local_part, _, domain = address.rpartition("@")
+    if local_part and "@" not in local_part and _ROUTING_OR_QUOTING.search(address) is None:
+        return local_domains.destination_of_domain(domain)
+    return _resolve_routed(address, local_domains)
+
+
+def _resolve_routed(address: str, local_domains: DomainSet) -> Destination:
+    """resolve_destination's full reading of ``address`` (angle brackets already removed)."""
     dequoted = _dequote(address)
     if dequoted is None:
         return _unresolved("unparseable address")

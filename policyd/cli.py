@@ -137,25 +137,11 @@ def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err
     return EXIT_OK
 
 
-def setup_logging(verbose: bool, debug: bool, stream: TextIO) -> None:
-    """Log to ``stream`` one line per event; route Twisted's own log to the same place."""
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
-
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("twisted").setLevel(logging.DEBUG if debug else logging.WARNING)
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
-    del verbose  # verbosity selects which decisions are logged, not the level
-
-
 def serve(path: str, *, verbose: bool, debug: bool) -> int:
     """``policyd serve``: run until SIGTERM/SIGINT; SIGHUP reloads."""
-    setup_logging(verbose, debug, sys.stderr)
+    from policyd import logs
+
+    handler = logs.setup(debug, sys.stderr)
     config = _load(path, sys.stderr)
     if config is None:
         return EXIT_CONFIG
@@ -168,6 +154,7 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     from policyd.service import PolicyService
 
     reactor: Any = _reactor
+    handler.flush_each_turn(reactor.callLater)
 
     for warning in config.warnings:
         log.warning("configuration warning: %s", warning)
@@ -218,6 +205,7 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stop)
     reactor.callWhenRunning(listen)
     reactor.run()
+    handler.flush()
     if failures:
         print(f"policyd: cannot listen: {failures[0].getErrorMessage()}", file=sys.stderr)
         return EXIT_LISTEN

@@ -91,7 +91,7 @@ def error_decision(config: Config) -> Decision:
 
 
 def _allow(config: Config, rule: Rule, destination: str | None) -> Decision:
-    profile = config.outbound_tables.select(destination).profile
+    profile = config.outbound_tables.select_normalized(destination).profile
     return Decision(config.replies.allowed, Verdict.ALLOWED, rule, destination, outbound=profile)
 
 

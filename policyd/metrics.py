@@ -2,11 +2,21 @@
 
 Names and labels are fixed by PRODUCT.md §3. Labels are bounded: verdict, rule, result, map,
 reason, listener — never an address or a domain.
+
+The counters touched by every request (requests, decisions, their duration, outbound
+selections, socketmap lookups) are plain integers in ``RequestCounts``, incremented on the
+reactor thread without a lock; a custom collector turns them into metric families when
+Prometheus scrapes. The rest are ordinary prometheus-client metrics.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from policyd.decision import Rule, Verdict
 from policyd.outbound import AUTH_KINDS, AuthKind
@@ -14,7 +24,7 @@ from policyd.protocol import REASONS
 from policyd.socketmap import REASONS as SOCKETMAP_REASONS
 
 # A decision takes microseconds; the buckets still reach far enough to show a stalled reactor.
-_DURATION_BUCKETS = (
+DURATION_BUCKETS = (
     0.00005,
     0.0001,
     0.00025,
@@ -27,6 +37,12 @@ _DURATION_BUCKETS = (
     0.1,
     0.5,
     1.0,
+)
+
+# The ``le`` label of each bucket, written as prometheus-client writes it.
+_BUCKET_LABELS: tuple[str, ...] = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*DURATION_BUCKETS, float("inf"))
 )
 
 #: The verdict/rule pairs that can occur, initialised at zero so dashboards see every series.
@@ -42,29 +58,99 @@ DECISION_LABELS: tuple[tuple[Verdict, Rule], ...] = (
     (Verdict.ERROR, Rule.INTERNAL_ERROR),
 )
 
+#: The socketmap (map, result) pairs counted; an unknown map name is counted as "unknown".
+LOOKUP_LABELS: tuple[tuple[str, str], ...] = (
+    ("transport", "found"),
+    ("transport", "notfound"),
+    ("sasl_passwd", "found"),
+    ("sasl_passwd", "notfound"),
+    ("unknown", "perm"),
+)
+
+
+class RequestCounts:
+    """The per-request counters, as plain numbers. Only the reactor thread changes them.
+
+    ``observe()`` files a duration into the histogram buckets (``le`` bounds, as Prometheus
+    defines them: a value equal to a bound counts in that bound's bucket).
+    """
+
+    __slots__ = ("decisions", "duration_buckets", "duration_sum", "lookups", "outbound", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.decisions: dict[tuple[Verdict, Rule], int] = dict.fromkeys(DECISION_LABELS, 0)
+        self.outbound: dict[AuthKind, int] = dict.fromkeys(AUTH_KINDS, 0)
+        self.lookups: dict[tuple[str, str], int] = dict.fromkeys(LOOKUP_LABELS, 0)
+        # One count per bucket (not cumulative), the last one for values above every bound.
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one request duration."""
+        self.duration_buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+
+class _RequestCountsCollector:
+    """Exposes ``RequestCounts`` under the metric names PRODUCT.md fixes."""
+
+    def __init__(self, counts: RequestCounts) -> None:
+        self.counts = counts
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.counts
+        requests = CounterMetricFamily(
+            "policyd_requests",
+            "Policy requests answered, of every protocol_state (skipped ones included).",
+        )
+        requests.add_metric([], counts.requests)
+        yield requests
+        decisions = CounterMetricFamily(
+            "policyd_decisions",
+            "Policy decisions by verdict and by the configuration rule (key path) that decided.",
+            labels=["verdict", "rule"],
+        )
+        for (verdict, rule), value in counts.decisions.copy().items():
+            decisions.add_metric([verdict.value, rule.value], value)
+        yield decisions
+        cumulative = 0
+        buckets = []
+        for bound, value in zip(_BUCKET_LABELS, list(counts.duration_buckets), strict=True):
+            cumulative += value
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "policyd_request_duration_seconds",
+            "Time spent deciding one policy request, from the complete request to the reply.",
+            buckets=buckets,
+            sum_value=counts.duration_sum,
+        )
+        outbound = CounterMetricFamily(
+            "policyd_relay_outbound",
+            "Allowed relay decisions by the outbound authentication their recipient domain uses.",
+            labels=["auth"],
+        )
+        for auth, value in counts.outbound.copy().items():
+            outbound.add_metric([auth], value)
+        yield outbound
+        lookups = CounterMetricFamily(
+            "policyd_socketmap_lookups",
+            "Socketmap lookups by map and result (found, notfound, perm, temp).",
+            labels=["map", "result"],
+        )
+        for (map_name, result), value in counts.lookups.copy().items():
+            lookups.add_metric([map_name, result], value)
+        yield lookups
+
 
 class Metrics:
     """Every metric policyd exports, registered in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
-            "policyd_requests",
-            "Policy requests answered, of every protocol_state (skipped ones included).",
-            registry=registry,
-        )
-        self.decisions = Counter(
-            "policyd_decisions",
-            "Policy decisions by verdict and by the configuration rule (key path) that decided.",
-            ["verdict", "rule"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "policyd_request_duration_seconds",
-            "Time spent deciding one policy request, from the complete request to the reply.",
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
         self.config_reloads = Counter(
             "policyd_config_reloads",
             "Configuration reloads (SIGHUP) by result: success, or failure (old rules kept).",
@@ -76,22 +162,10 @@ class Metrics:
             "Unix time at which the configuration in use was loaded.",
             registry=registry,
         )
-        self.socketmap_lookups = Counter(
-            "policyd_socketmap_lookups",
-            "Socketmap lookups by map and result (found, notfound, perm, temp).",
-            ["map", "result"],
-            registry=registry,
-        )
         self.protocol_errors = Counter(
             "policyd_protocol_errors",
             "Connections closed, or lookups failed, because of bad input, by listener and reason.",
             ["listener", "reason"],
-            registry=registry,
-        )
-        self.relay_outbound = Counter(
-            "policyd_relay_outbound",
-            "Allowed relay decisions by the outbound authentication their recipient domain uses.",
-            ["auth"],
             registry=registry,
         )
         self.connections = Gauge(
@@ -100,23 +174,12 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
-        # Every bounded series starts at zero, so dashboards see it; the children the request
-        # paths count in are kept, so counting one is a dict lookup rather than labels().
-        self.decision_counters: dict[tuple[Verdict, Rule], Counter] = {
-            (verdict, rule): self.decisions.labels(verdict=verdict.value, rule=rule.value)
-            for verdict, rule in DECISION_LABELS
-        }
+        self.counts = RequestCounts()
+        registry.register(_RequestCountsCollector(self.counts))
+        # Every bounded series starts at zero, so dashboards see it.
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for reason in REASONS:
             self.protocol_errors.labels(listener="policy", reason=reason)
         for reason in SOCKETMAP_REASONS:
             self.protocol_errors.labels(listener="socketmap", reason=reason)
-        self.outbound_counters: dict[AuthKind, Counter] = {
-            auth: self.relay_outbound.labels(auth=auth) for auth in AUTH_KINDS
-        }
-        self.lookup_counters: dict[tuple[str, str], Counter] = {
-            (map_name, result): self.socketmap_lookups.labels(map=map_name, result=result)
-            for map_name in ("transport", "sasl_passwd")
-            for result in ("found", "notfound")
-        }

@@ -160,6 +160,10 @@ class OutboundTables:
         """The profile for mail to ``domain`` (raw or normalised; None → the default)."""
         return self._select_normalized(_normalized_or_empty(domain) if domain else "")
 
+    def select_normalized(self, domain: str | None) -> Selection:
+        """``select`` for a domain already in normalize_domain's form (a Destination's)."""
+        return self._select_normalized(domain or "")
+
     def _select_normalized(self, domain: str) -> Selection:
         override = self._overrides.get(domain)
         if override is not None:

@@ -7,7 +7,7 @@ relay decision needs, under Postfix's own names, with the addresses already pars
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from policyd.networks import IPAddress, parse_client_address
 
@@ -15,13 +15,13 @@ from policyd.networks import IPAddress, parse_client_address
 RELAY_STATES = frozenset({"RCPT", "VRFY"})
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyRequest:
-    """One ``smtpd_access_policy`` request.
+class PolicyRequest(NamedTuple):
+    """One ``smtpd_access_policy`` request: immutable, built once per request.
 
     ``client_ip``/``server_ip`` are ``None`` when the attribute is absent or does not parse;
     ``server_port`` is ``None`` when absent or not a port number. Text attributes are ``""`` when
-    absent, as Postfix sends them for empty values.
+    absent, as Postfix sends them for empty values. (A named tuple rather than a frozen
+    dataclass: it is built for every request, and a tuple is built several times faster.)
     """
 
     protocol_state: str = ""
@@ -39,24 +39,21 @@ class PolicyRequest:
     @classmethod
     def from_attributes(cls, attributes: Mapping[str, str]) -> PolicyRequest:
         """Build a request from decoded attributes; unknown attributes are ignored."""
-
-        def get(name: str) -> str:
-            return attributes.get(name, "")
-
-        client_address = get("client_address")
-        server_address = get("server_address")
+        get = attributes.get
+        client_address = get("client_address", "")
+        server_address = get("server_address", "")
         return cls(
-            protocol_state=get("protocol_state").upper(),
-            client_address=client_address,
-            client_ip=parse_client_address(client_address),
-            server_address=server_address,
-            server_ip=parse_client_address(server_address),
-            server_port=_parse_port(get("server_port")),
-            sasl_username=get("sasl_username"),
-            sender=get("sender"),
-            recipient=get("recipient"),
-            queue_id=get("queue_id"),
-            instance=get("instance"),
+            get("protocol_state", "").upper(),
+            client_address,
+            parse_client_address(client_address),
+            server_address,
+            parse_client_address(server_address),
+            _parse_port(get("server_port", "")),
+            get("sasl_username", ""),
+            get("sender", ""),
+            get("recipient", ""),
+            get("queue_id", ""),
+            get("instance", ""),
         )
 
 

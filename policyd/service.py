@@ -7,11 +7,14 @@ so a reload is one assignment and a request always sees one whole configuration.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
+from time import perf_counter
 from typing import Any
 
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
@@ -52,6 +55,7 @@ class PolicyService:
         self.config = config
         self.reactor = reactor
         self.metrics = metrics
+        self.counts = metrics.counts
         self.log_all_decisions = log_all_decisions
         self.factory = PolicyFactory(
             self.handle,
@@ -70,26 +74,24 @@ class PolicyService:
 
     def handle(self, attributes: Mapping[str, str]) -> str:
         """Decide one request and record it. Never raises: a failure answers ``replies.error``."""
-        started = time.perf_counter()
+        started = perf_counter()
         config = self.config
         try:
-            request = PolicyRequest.from_attributes(attributes)
-            decision = decide(config, request)
+            decision = decide(config, PolicyRequest.from_attributes(attributes))
         except Exception:
             log.exception("internal error while deciding; answering replies.error")
             decision = error_decision(config)
-        metrics = self.metrics
-        metrics.requests.inc()
-        counter = metrics.decision_counters.get((decision.verdict, decision.rule))
-        if counter is None:  # a pair missing from DECISION_LABELS: still counted
-            counter = metrics.decisions.labels(
-                verdict=decision.verdict.value, rule=decision.rule.value
-            )
-        counter.inc()
+        counts = self.counts
+        counts.requests += 1
+        key = (decision.verdict, decision.rule)
+        decisions = counts.decisions
+        decisions[key] = decisions.get(key, 0) + 1
         if decision.outbound is not None:
-            metrics.outbound_counters[decision.outbound.auth].inc()
-        metrics.request_duration.observe(time.perf_counter() - started)
-        self.log_decision(attributes, decision)
+            counts.outbound[decision.outbound.auth] += 1
+        verdict = decision.verdict
+        if verdict is Verdict.DENIED or verdict is Verdict.ERROR or self.log_all_decisions:
+            self.log_decision(attributes, decision)
+        counts.observe(perf_counter() - started)
         return decision.action
 
     def log_decision(self, attributes: Mapping[str, str], decision: Decision) -> None:
@@ -123,11 +125,11 @@ class PolicyService:
         elif name == "sasl_passwd":
             answer = tables.sasl_passwd(key)
         else:
-            self.metrics.socketmap_lookups.labels(map="unknown", result="perm").inc()
+            self.counts.lookups["unknown", "perm"] += 1
             log.warning("socketmap map=%s result=perm: unknown map", quote_value(name[:64]))
             return "PERM unknown map (policyd serves transport and sasl_passwd)"
         result = "notfound" if answer is None else "found"
-        self.metrics.lookup_counters[name, result].inc()
+        self.counts.lookups[name, result] += 1
         if log.isEnabledFor(logging.DEBUG):
             shown = "-" if answer is None or name == "sasl_passwd" else answer
             log.debug(
@@ -221,10 +223,7 @@ class PolicyService:
                 log.info("socketmap listener on %s (maps transport, sasl_passwd)", listen.socketmap)
             if listen.metrics is not None:
                 root = Resource()  # type: ignore[no-untyped-call]
-                root.putChild(
-                    b"metrics",
-                    MetricsResource(registry=self.metrics.registry),  # type: ignore[no-untyped-call]
-                )
+                root.putChild(b"metrics", MetricsPage(self.metrics.registry))
                 site = Site(root)  # type: ignore[no-untyped-call]
                 site.noisy = False
                 site.log = lambda request: None  # type: ignore[method-assign]
@@ -250,6 +249,25 @@ class PolicyService:
         self.socketmap_factory.close_all()
         yield self.factory.drain(SHUTDOWN_GRACE_SECONDS)
         log.info("stopped")
+
+
+class MetricsPage(Resource):
+    """``/metrics``: the registry in the exposition format the scraper asks for.
+
+    Rendered on the reactor thread, the only thread that changes the counters, so a scrape
+    sees them between two requests, never in the middle of one.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        encoder, content_type = choose_encoder(request.getHeader("accept"))
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return encoder(self.registry)
 
 
 def server_endpoint(reactor: Any, endpoint: Endpoint) -> IStreamServerEndpoint:
@@ -294,12 +312,18 @@ def _server(attributes: Mapping[str, str]) -> str:
     return f"{host}:{port}" if port else host
 
 
+#: Characters that make a log value need quotes (besides unprintable ones).
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def quote_value(value: str) -> str:
     """Make a log value safe: ``-`` when empty, quoted and escaped when it has odd characters."""
     if not value:
         return "-"
-    if all(c.isprintable() and c not in ' "=\\' for c in value):
-        return value
+    if value.isprintable():
+        if _NEEDS_QUOTES.search(value) is None:
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return '"' + "".join(_escape(c) for c in value) + '"'
 
 
@@ -309,4 +333,6 @@ def _escape(char: str) -> str:
     if char.isprintable():
         return char
     code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

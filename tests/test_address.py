@@ -12,6 +12,7 @@ from policyd.address import (
     Destination,
     DomainError,
     DomainSet,
+    _resolve_routed,
     normalize_domain,
     resolve_destination,
 )
@@ -538,6 +539,37 @@ def test_resolve_destination_never_raises(text: str) -> None:
     assert isinstance(result, Destination)
     if result.domain is None and not result.local:
         assert result.reason
+
+
+@settings(max_examples=1000)
+@given(
+    st.one_of(st.text(), st.text(_hostile_chars, max_size=60)),
+    st.sampled_from(["", "<", "<>"]),
+)
+def test_plain_address_shortcut_agrees_with_the_full_reading(text: str, brackets: str) -> None:
+    """The memoized ``local@domain`` shortcut gives exactly the full reading's answer.
+
+    Asked twice, so the second answer comes from the memo.
+    """
+    recipient = brackets[:1] + text + brackets[1:]
+    bracketed = len(recipient) >= 2 and recipient.startswith("<") and recipient.endswith(">")
+    address = recipient[1:-1] if bracketed else recipient
+    if not address or len(recipient) > 4096:
+        return
+    full = _resolve_routed(address, LOCAL)
+    assert resolve_destination(recipient, LOCAL) == full
+    assert resolve_destination(recipient, LOCAL) == full
+
+
+def test_domain_memo_is_bounded() -> None:
+    """A flood of unique domains never grows a DomainSet's memo beyond its bound."""
+    domains = DomainSet(["local.example"])
+    for n in range(10_000):
+        assert not resolve_destination(f"user@d{n}.example", domains).local
+    assert resolve_destination("user@LOCAL.example", domains) == _local(
+        "local.example", "local domain"
+    )
+    assert len(domains._destinations) <= 4096
 
 
 _USERS = ["user", "postmaster", "first.last", "x_y+tag", "a b"]

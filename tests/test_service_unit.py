@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet.testing import MemoryReactorClock
 
@@ -120,6 +123,28 @@ def test_decision_log_line_fields() -> None:
 def test_log_values_cannot_forge_fields(value: str, expected: str) -> None:
     """Client-controlled values are quoted so they cannot inject key=value pairs."""
     assert quote_value(value) == expected
+
+
+@given(st.text())
+def test_log_values_round_trip(value: str) -> None:
+    """Every quoted value is one token: no bare space or quote, and it decodes back exactly."""
+    quoted = quote_value(value)
+    if not value:
+        assert quoted == "-"
+        return
+    if quoted[0] != '"':
+        assert quoted == value
+        assert not any(c in quoted for c in ' "=\\')
+        return
+    body = quoted[1:-1]
+    assert quoted.endswith('"')
+    assert all(c.isprintable() for c in body)
+    decoded = re.sub(
+        r'\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|["\\])',
+        lambda m: m.group(1) if len(m.group(1)) == 1 else chr(int(m.group(1)[1:], 16)),
+        body,
+    )
+    assert decoded == value
 
 
 def test_metrics_count_every_request(config_path: Path) -> None:

@@ -1,0 +1,66 @@
+"""The serve log handler: lines are written at once, flushed once per reactor turn."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+from twisted.internet.task import Clock
+
+from policyd.logs import SecondFormatter, TurnFlushedHandler
+
+
+class _Counting(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("policyd.decision", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_records_are_flushed_once_per_turn() -> None:
+    """Several records in one reactor turn: all written, one flush when the turn ends."""
+    stream = _Counting()
+    handler = TurnFlushedHandler(stream)
+    handler.setFormatter(SecondFormatter())
+    clock = Clock()
+    handler.flush_each_turn(clock.callLater)
+    for n in range(3):
+        handler.handle(_record(f"decision {n}"))
+    assert stream.getvalue().count("\n") == 3
+    assert stream.flushes == 0
+    clock.advance(0)
+    assert stream.flushes == 1
+    handler.handle(_record("decision 3"))
+    clock.advance(0)
+    assert stream.flushes == 2
+
+
+def test_records_flush_at_once_before_the_reactor_and_off_its_thread() -> None:
+    """Without the reactor, or from another thread, each record is flushed as written."""
+    stream = _Counting()
+    handler = TurnFlushedHandler(stream)
+    handler.handle(_record("before the reactor"))
+    assert stream.flushes == 1
+    clock = Clock()
+    handler.flush_each_turn(clock.callLater)
+    worker = threading.Thread(target=handler.handle, args=(_record("from a worker"),))
+    worker.start()
+    worker.join()
+    assert stream.flushes == 2
+    assert not clock.getDelayedCalls()
+
+
+def test_time_stamp_format() -> None:
+    """The line layout: local time to the second, level, logger name, message."""
+    formatter = SecondFormatter()
+    record = _record("decision x")
+    line = formatter.format(record)
+    assert line.endswith(" INFO policyd.decision: decision x")
+    assert len(line.split(" ")[0]) == len("2026-12-02T10:00:00")
