@@ -347,12 +347,13 @@ class PostfwdServer(ServerProcess):
         return total
 
     def memory_kib(self) -> int:
-        """Resident memory summed over the processes (shared pages counted in each)."""
+        """Proportional set size (PSS) summed over the processes: pages the prefork children
+        share with each other are counted once, not once per child."""
         total = 0
         for pid in self.pids():
             with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1])
         return total
 
