@@ -796,7 +796,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Postfix pipeline comparison: auto (if root and Postfix are there) or skip",
     )
     parser.add_argument(
-        "--pipeline-messages", type=int, help="messages per pipeline run (default 2000)"
+        "--pipeline-messages", type=int, help="messages per pipeline run (default 3000)"
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -809,7 +809,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "requests": (50_000, 200_000),
         "max_seconds": (1.0, 2.5),
         "micro_iterations": (10_000, 50_000),
-        "pipeline_messages": (300, 2000),
+        "pipeline_messages": (500, 3000),
     }
     for name, (quick_value, full_value) in defaults.items():
         if getattr(args, name) is None:
