@@ -16,9 +16,11 @@ The variants (``VARIANTS``, in the order they take turns):
 
 Every policy service decides with the benchmark's small rules, which allow 127.0.0.0/8.
 ``smtp-source`` relays a bounded number of messages over 20 parallel sessions, 1 and then 5
-recipients per message, all at a remote domain (every recipient is an allowed relay); the
-variants take turns within each round. Needs root (Postfix's master runs as root) and Debian's
-postfix package; otherwise the comparison is skipped with a message saying why.
+recipients per message (the same number of recipients, i.e. policy requests, in each run), all
+at a remote domain (every recipient is an allowed relay); the variants take turns within each
+round, each on a freshly started Postfix with the same settings (``BENCH_SETTINGS``). Needs
+root (Postfix's master runs as root) and Debian's postfix package; otherwise the comparison is
+skipped with a message saying why.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class PipelineResult:
     runs: list[PipelineRun] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     skipped: str = ""
-    messages: int = 0
+    recipients_per_run: int = 0
     rounds: int = 0
     recipients: tuple[int, ...] = ()
 
@@ -181,13 +183,17 @@ def _wait_drained(queue_dir: Path, timeout: float) -> bool:
 def run_pipeline(
     services: dict[str, ServerProcess],
     workdir: Path,
-    messages: int,
+    recipients_per_run: int,
     rounds: int,
     recipients: tuple[int, ...] = (1, 5),
 ) -> PipelineResult:
     """Run the comparison. ``services`` holds the running "responder", "policyd" and "postfwd"
-    servers (a missing one leaves its variant out); the "as shipped" policyd is started here."""
-    result = PipelineResult(messages=messages, rounds=rounds, recipients=recipients)
+    servers (a missing one leaves its variant out); the "as shipped" policyd is started here.
+    Each run sends ``recipients_per_run`` recipients: that many messages of one recipient, a
+    fifth as many of five."""
+    result = PipelineResult(
+        recipients_per_run=recipients_per_run, rounds=rounds, recipients=recipients
+    )
     missing = missing_requirements()
     if missing:
         result.skipped = missing
@@ -218,7 +224,7 @@ def run_pipeline(
         "policy": PolicyOnlyPostfix,
         "shipped": BenchPostfix,
     }
-    timeout = max(120.0, messages / 5)
+    timeout = max(120.0, recipients_per_run / 20)
     base = workdir / "pipeline"
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)
@@ -252,7 +258,13 @@ def run_pipeline(
                     _wait_drained(instance.queue_dir, timeout)
                     for count in recipients:
                         run = _measure(
-                            key, instance, server, messages, count, round_number, timeout
+                            key,
+                            instance,
+                            server,
+                            max(1, recipients_per_run // count),
+                            count,
+                            round_number,
+                            timeout,
                         )
                         if isinstance(run, str):
                             result.problems.append(run)
@@ -384,7 +396,9 @@ def pipeline_report(result: PipelineResult) -> str:
             "rlrrrrrrrr",
         ),
         "",
-        f"`smtp-source -s {SESSIONS} -m {result.messages} -r R -d -N -l {MESSAGE_BYTES}` from "
+        f"`smtp-source -s {SESSIONS} -m {result.recipients_per_run:,}/R -r R -d -N -l "
+        f"{MESSAGE_BYTES}` (R recipients per message, {result.recipients_per_run:,} recipients "
+        "per run) from "
         "127.0.0.1 to recipients at a remote domain (every recipient is a relay decision, "
         "allowed), through a private Postfix per variant (harness `tests/e2e/postfix.py`, every "
         "transport `discard:`); the variants took turns in each of "

@@ -576,7 +576,7 @@ def report(
     out += [f"- {label}: {value}" for label, value in machine]
     mode = "quick" if args.quick else "full"
     pipeline_text = (
-        f"; Postfix pipeline {args.pipeline_messages} messages per run"
+        f"; Postfix pipeline {args.pipeline_recipients:,} recipients per run"
         if args.pipeline == "auto"
         else "; Postfix pipeline skipped"
     )
@@ -796,7 +796,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Postfix pipeline comparison: auto (if root and Postfix are there) or skip",
     )
     parser.add_argument(
-        "--pipeline-messages", type=int, help="messages per pipeline run (default 3000)"
+        "--pipeline-recipients",
+        type=int,
+        help="recipients (policy requests) per pipeline run (default 15000)",
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -809,7 +811,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "requests": (50_000, 200_000),
         "max_seconds": (1.0, 2.5),
         "micro_iterations": (10_000, 50_000),
-        "pipeline_messages": (500, 3000),
+        "pipeline_recipients": (2500, 15_000),
     }
     for name, (quick_value, full_value) in defaults.items():
         if getattr(args, name) is None:
@@ -873,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pipeline == "auto":
             print("\nPostfix pipeline", flush=True)
             services = {k: servers[k] for k in ("responder", "policyd", "postfwd") if k in servers}
-            pipeline = run_pipeline(services, workdir, args.pipeline_messages, args.rounds)
+            pipeline = run_pipeline(services, workdir, args.pipeline_recipients, args.rounds)
         stack.close()  # every server stopped before the closing measurements
 
     steal_after = cpu_counters()
