@@ -93,6 +93,18 @@ def _open(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _send(sock: socket.socket, request: bytes) -> None:
+    """Send ``request`` on a non-blocking socket; in the rare case of a partial send (a full
+    socket buffer), the rest goes out blocking."""
+    sent = sock.send(request)
+    if sent < len(request):
+        sock.setblocking(True)
+        try:
+            sock.sendall(request[sent:])
+        finally:
+            sock.setblocking(False)
+
+
 @dataclass
 class _Outcome:
     """One loop's results (sent back from a client process as a plain tuple)."""
@@ -147,7 +159,7 @@ def _loop(
         poller.register(fd, select.EPOLLIN)
         active += 1
         sent_at[fd] = clock()
-        sock.send(request)
+        _send(sock, request)
     last_reply = clock()
     stall_ns = int(STALL_SECONDS * 1e9)
     while active:
@@ -199,7 +211,7 @@ def _loop(
             position[fd] = index + 1
             sent_at[fd] = now
             try:
-                sock.send(request)
+                _send(sock, request)
             except OSError as err:
                 errors.append(f"send failed mid-run: {err}")
                 poller.unregister(fd)
