@@ -154,7 +154,24 @@ def machine_info() -> list[tuple[str, str]]:
         ("PyYAML", _version("pyyaml")),
         ("prometheus-client", _version("prometheus-client")),
         ("policyd", _version("policyd")),
+        ("postfwd2", _command_output([postfwd_command() or "postfwd2", "-V"], "not installed")),
+        (
+            "Postfix",
+            _command_output(["postconf", "-d", "mail_version"], "not installed").rpartition("= ")[
+                2
+            ],
+        ),
     ]
+
+
+def _command_output(argv: list[str], missing: str) -> str:
+    """The first line a version command prints, or ``missing``."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return missing
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return lines[0] if lines else missing  # postfwd2 -V exits 1
 
 
 def reference_loop(repeats: int = 15) -> tuple[float, float]:
