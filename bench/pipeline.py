@@ -104,6 +104,16 @@ class PipelineResult:
         return statistics.median(rates) if rates else None
 
 
+def rotated(items: list[Any], turn: int) -> list[Any]:
+    """``items`` starting at ``turn`` (mod its length): round N starts one place further on,
+    so that no variant always follows the same other one (Postfix's processes winding down,
+    caches warmed by the previous variant)."""
+    if not items:
+        return items
+    turn %= len(items)
+    return items[turn:] + items[:turn]
+
+
 def missing_requirements() -> str | None:
     """Why the comparison cannot run here, or None."""
     if os.geteuid() != 0:
@@ -251,7 +261,7 @@ def run_pipeline(
             instances.append(instance)
             variants.append((key, instance, server))
         for round_number in range(1, rounds + 1):
-            for key, instance, server in variants:
+            for key, instance, server in rotated(variants, round_number - 1):
                 instance.start()
                 try:
                     _send(instance.smtp_address, WARMUP_MESSAGES, max(recipients), timeout)
@@ -401,9 +411,10 @@ def pipeline_report(result: PipelineResult) -> str:
         "per run) from "
         "127.0.0.1 to recipients at a remote domain (every recipient is a relay decision, "
         "allowed), through a private Postfix per variant (harness `tests/e2e/postfix.py`, every "
-        "transport `discard:`); the variants took turns in each of "
-        f"{result.rounds} rounds, each started fresh, after a {WARMUP_MESSAGES}-message warm-up "
-        "and with an empty queue. Ratios are of the medians.",
+        "transport `discard:`, `in_flow_delay = 0s`); the variants took turns in each of "
+        f"{result.rounds} rounds (each round starting one variant further on), each on a "
+        f"freshly started Postfix, after a {WARMUP_MESSAGES}-message warm-up and with an empty "
+        "queue. Ratios are of the medians.",
     ]
     for problem in result.problems:
         lines.append(f"\n- problem: {problem}")

@@ -50,7 +50,7 @@ for _path in (BENCH_DIR, REPO_ROOT):  # bench modules, and the tests' process he
 import workload  # noqa: E402
 from load import LoadResult, run_load  # noqa: E402
 from micro import REPEATS, MicroResult, run_lookups, run_micro  # noqa: E402
-from pipeline import PipelineResult, pipeline_report, run_pipeline  # noqa: E402
+from pipeline import PipelineResult, pipeline_report, rotated, run_pipeline  # noqa: E402
 from server import (  # noqa: E402
     PolicydServer,
     PostfwdServer,
@@ -343,14 +343,17 @@ def socket_benchmark(
     pools: dict[str, list[tuple[bytes, bytes]]],
     args: argparse.Namespace,
 ) -> list[SocketRun]:
-    """Every level, every server, ``args.rounds`` times: servers take turns at each level."""
+    """Every level, every server, ``args.rounds`` times: servers take turns at each level, in
+    an order that starts one server further on in each round."""
     runs: list[SocketRun] = []
     for key, server in servers.items():  # warm-up, not reported
         run_load(server.port, pools[key], 10, 2000, 5.0)
     for round_number in range(1, args.rounds + 1):
         print(f"  round {round_number}", flush=True)
+        order = rotated(list(servers), round_number - 1)  # each round starts one further on
         for connections in args.concurrency:
-            for key, server in servers.items():
+            for key in order:
+                server = servers[key]
                 runs.append(measure(key, server, pools[key], connections, round_number, args))
     return runs
 
