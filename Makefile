@@ -35,8 +35,11 @@ pytest: venv
 
 test: system-deps venv lint typecheck pytest
 
-bench: venv
-	$(BIN)/python bench/run.py
+# make bench [BENCH_ARGS="--quick"]: policyd beside the minimal responder and postfwd2 (see
+# docs/benchmark.md); system-deps brings Postfix and postfwd for the comparisons.
+BENCH_ARGS ?=
+bench: system-deps venv
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,21 +1,32 @@
 """The load generator: N persistent connections, one request in flight on each, like Postfix.
 
 Each smtpd process keeps one connection to the policy service and waits for the reply before it
-sends the next request; this client does the same, with N connections driven by one asyncio loop
-using plain ``asyncio.Protocol`` callbacks (no coroutine per request) and requests encoded ahead
-of time, so that the client spends as little CPU per request as it can.
+sends the next request; this client does the same. It is a bare ``epoll`` loop over
+non-blocking sockets (no asyncio, no callbacks, no per-request objects), with every request
+encoded ahead of time, so that the client spends as little CPU per request as Python allows:
+the figure to beat is a server's own cost per request, and the client must not be what limits
+the throughput. With ``processes > 1`` the connections are split over that many forked client
+processes (each its own loop), started together once every connection is open.
 
-A run is bounded twice: it stops after ``max_requests`` requests or ``max_seconds`` of load,
-whichever comes first, and a watchdog aborts it if replies stop coming.
+Every reply is compared with the expected one (computed by the caller with policyd's own
+``decide()``); a difference counts as a mismatch, a connection closed or reset by the server
+as an error. A run is bounded twice: it stops after ``max_requests`` requests or
+``max_seconds`` of load, whichever comes first, and it gives up if no reply arrives for 10 s.
 """
 
 from __future__ import annotations
 
-import asyncio
+import multiprocessing
 import os
+import resource
+import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+STALL_SECONDS = 10.0  # no reply for this long: the run is aborted
 
 
 @dataclass
@@ -27,6 +38,7 @@ class LoadResult:
     wall_seconds: float = 0.0
     latencies_ns: list[int] = field(default_factory=list)
     client_cpu_seconds: float = 0.0
+    client_processes: int = 1
     mismatches: int = 0
     mismatch_examples: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -48,182 +60,195 @@ class LoadResult:
     def throughput(self) -> float:
         return self.requests / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
-
-class _Run:
-    """State shared by the connections of one run."""
-
-    def __init__(
-        self, pool: list[tuple[bytes, bytes]], max_requests: int, max_seconds: float
-    ) -> None:
-        self.pool = pool
-        self.remaining = max_requests
-        self.max_seconds = max_seconds
-        self.deadline = 0.0
-        self.latencies: list[int] = []
-        self.mismatches = 0
-        self.mismatch_examples: list[str] = []
-        self.errors: list[str] = []
-        self.active = 0
-        self.last_reply = 0.0
-        self.hit_deadline = False
-        self.done: asyncio.Future[None] | None = None
-
-    def connection_finished(self) -> None:
-        self.active -= 1
-        if self.active == 0 and self.done is not None and not self.done.done():
-            self.done.set_result(None)
+    @property
+    def wrong(self) -> int:
+        """Wrong answers plus connection failures: anything but the expected reply."""
+        return self.mismatches + len(self.errors)
 
 
-class _Connection(asyncio.Protocol):
-    """One persistent policy connection: send, wait for ``action=...\\n\\n``, send the next."""
-
-    def __init__(self, run: _Run, offset: int) -> None:
-        self.run = run
-        self.index = offset % len(run.pool)
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.expected = b""
-        self.sent_at = 0
-        self.in_flight = False
-        self.finished = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def send_next(self) -> None:
-        run = self.run
-        if run.remaining <= 0:
-            self.finish()
-            return
-        if time.perf_counter() >= run.deadline:
-            run.hit_deadline = True
-            self.finish()
-            return
-        run.remaining -= 1
-        request, self.expected = run.pool[self.index]
-        self.index += 1
-        if self.index == len(run.pool):
-            self.index = 0
-        self.in_flight = True
-        self.sent_at = time.perf_counter_ns()
-        assert self.transport is not None
-        self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter_ns()
-        buffer = self.buffer + data if self.buffer else data
-        if not buffer.endswith(b"\n\n"):
-            self.buffer = buffer
-            return
-        self.buffer = b""
-        run = self.run
-        if not self.in_flight:
-            run.errors.append(f"unsolicited data: {buffer[:80]!r}")
-            self.finish()
-            return
-        self.in_flight = False
-        run.latencies.append(now - self.sent_at)
-        run.last_reply = time.perf_counter()
-        if buffer != self.expected:
-            run.mismatches += 1
-            if len(run.mismatch_examples) < 3:
-                run.mismatch_examples.append(f"got {buffer!r}, expected {self.expected!r}")
-        self.send_next()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.finished:
-            self.run.errors.append(f"connection lost mid-run: {exc or 'closed by server'}")
-            self.finished = True
-            self.run.connection_finished()
-
-    def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self.run.connection_finished()
+def raise_fd_limit(wanted: int = 4096) -> None:
+    """Raise RLIMIT_NOFILE's soft limit towards ``wanted`` (never above the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-async def _connect_all(host: str, port: int, run: _Run, connections: int) -> list[_Connection]:
-    """Open every connection before the load starts (at most 50 handshakes at a time)."""
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(50)
-
-    async def one(offset: int) -> _Connection:
-        async with gate:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(run, offset), host, port), 10
-            )
-            return protocol
-
-    # Spread the connections over the request pool so they do not send the same requests.
-    step = max(1, len(run.pool) // connections)
-    opened = await asyncio.gather(
-        *(one(i * step) for i in range(connections)), return_exceptions=True
-    )
-    failures = [item for item in opened if isinstance(item, BaseException)]
-    conns = [item for item in opened if isinstance(item, _Connection)]
-    if failures:
-        for conn in conns:
-            conn.finished = True
-            if conn.transport is not None:
-                conn.transport.abort()
-        raise RuntimeError(
-            f"{len(failures)} of {connections} connections failed to open: {failures[0]!r}"
-        )
-    return conns
+def _open(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` connected, non-blocking sockets (closed again if any connection fails)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.settimeout(10)
+            sock.connect((host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+    except OSError as err:
+        for sock in socks:
+            sock.close()
+        raise RuntimeError(f"connection {len(socks)} of {count} failed: {err}") from err
+    return socks
 
 
-async def _drive(
+def _send(sock: socket.socket, request: bytes) -> None:
+    """Send ``request`` on a non-blocking socket; in the rare case of a partial send (a full
+    socket buffer), the rest goes out blocking."""
+    sent = sock.send(request)
+    if sent < len(request):
+        sock.setblocking(True)
+        try:
+            sock.sendall(request[sent:])
+        finally:
+            sock.setblocking(False)
+
+
+@dataclass
+class _Outcome:
+    """One loop's results (sent back from a client process as a plain tuple)."""
+
+    latencies: list[int]
+    mismatches: int
+    examples: list[str]
+    errors: list[str]
+    hit_deadline: bool
+    cpu_seconds: float
+    ended: float  # time.perf_counter() when the loop ended
+
+
+def _loop(
+    socks: list[socket.socket],
+    pool: list[tuple[bytes, bytes]],
+    offsets: list[int],
+    budget: int,
+    deadline: float,
+) -> _Outcome:
+    """Drive ``socks`` until ``budget`` requests were sent or ``deadline`` passed."""
+    cpu_before = os.times()
+    poller = select.epoll(len(socks) + 1)
+    size = len(pool)
+    fds = [sock.fileno() for sock in socks]
+    top = max(fds) + 1
+    by_fd: list[Any] = [None] * top
+    position = [0] * top
+    expected: list[bytes] = [b""] * top
+    sent_at = [0] * top
+    partial: list[bytes] = [b""] * top
+    latencies: list[int] = []
+    record = latencies.append
+    mismatches = 0
+    examples: list[str] = []
+    errors: list[str] = []
+    hit_deadline = False
+    deadline_ns = int(deadline * 1e9)
+    clock = time.perf_counter_ns
+    # perf_counter and perf_counter_ns share one clock
+    active = 0
+    remaining = budget
+    for sock, offset in zip(socks, offsets, strict=True):
+        fd = sock.fileno()
+        by_fd[fd] = sock
+        if remaining <= 0:
+            continue
+        remaining -= 1
+        index = offset % size
+        request, expected[fd] = pool[index]
+        position[fd] = index + 1
+        poller.register(fd, select.EPOLLIN)
+        active += 1
+        sent_at[fd] = clock()
+        _send(sock, request)
+    last_reply = clock()
+    stall_ns = int(STALL_SECONDS * 1e9)
+    while active:
+        events = poller.poll(0.5)
+        now = clock()
+        if not events:
+            if now - last_reply > stall_ns:
+                errors.append(f"no reply for {STALL_SECONDS:.0f} s: run aborted")
+                break
+            continue
+        last_reply = now
+        for fd, _ in events:
+            sock = by_fd[fd]
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as err:
+                data = b""
+                errors.append(f"connection failed mid-run: {err}")
+            if not data:
+                if not errors or not errors[-1].startswith("connection failed"):
+                    errors.append("connection closed by the server mid-run")
+                poller.unregister(fd)
+                active -= 1
+                continue
+            if partial[fd]:
+                data = partial[fd] + data
+            if not data.endswith(b"\n\n"):
+                partial[fd] = data
+                continue
+            partial[fd] = b""
+            now = clock()
+            record(now - sent_at[fd])
+            if data != expected[fd]:
+                mismatches += 1
+                if len(examples) < 3:
+                    examples.append(f"got {data!r}, expected {expected[fd]!r}")
+            if remaining <= 0 or now >= deadline_ns:
+                hit_deadline = hit_deadline or remaining > 0
+                poller.unregister(fd)
+                active -= 1
+                continue
+            remaining -= 1
+            index = position[fd]
+            if index == size:
+                index = 0
+            request, expected[fd] = pool[index]
+            position[fd] = index + 1
+            sent_at[fd] = now
+            try:
+                _send(sock, request)
+            except OSError as err:
+                errors.append(f"send failed mid-run: {err}")
+                poller.unregister(fd)
+                active -= 1
+    ended = time.perf_counter()
+    poller.close()
+    cpu_after = os.times()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    return _Outcome(latencies, mismatches, examples, errors, hit_deadline, cpu, ended)
+
+
+def _child(
+    conn: Any,
     host: str,
     port: int,
     pool: list[tuple[bytes, bytes]],
-    connections: int,
-    max_requests: int,
-    max_seconds: float,
-    on_start: Callable[[], None] | None,
-) -> LoadResult:
-    loop = asyncio.get_running_loop()
-    run = _Run(pool, max_requests, max_seconds)
-    result = LoadResult(connections=connections)
-    conns = await _connect_all(host, port, run, connections)
+    offsets: list[int],
+    budget: int,
+) -> None:
+    """A client process: connect, report ready, wait for the start time, drive, report."""
     try:
-        run.done = loop.create_future()
-        run.active = len(conns)
-        if on_start is not None:
-            on_start()
-        cpu_before = os.times()
-        started = time.perf_counter()
-        run.deadline = started + max_seconds
-        run.last_reply = started
-        for conn in conns:
-            conn.send_next()
-        # Watchdog: the run ends by itself (request budget or deadline); if the server stops
-        # answering, give up 10 s after the last reply or 10 s past the deadline.
-        while not run.done.done():
-            await asyncio.wait([run.done], timeout=0.5)
-            now = time.perf_counter()
-            if now - run.last_reply > 10 or now > run.deadline + 10:
-                run.errors.append("no reply for 10 s: run aborted")
-                break
-        ended = time.perf_counter()
-        cpu_after = os.times()
+        socks = _open(host, port, len(offsets))
+    except RuntimeError as err:
+        conn.send(("failed", str(err)))
+        conn.close()
+        return
+    try:
+        conn.send(("ready", ""))
+        message = conn.recv()
+        if message is None:
+            return
+        outcome = _loop(socks, pool, offsets, budget, message)
+        conn.send(("done", outcome))
     finally:
-        for conn in conns:
-            if conn.transport is not None:
-                conn.finished = True
-                conn.transport.abort()
-    result.requests = len(run.latencies)
-    result.wall_seconds = ended - started
-    result.latencies_ns = run.latencies
-    result.client_cpu_seconds = (cpu_after.user + cpu_after.system) - (
-        cpu_before.user + cpu_before.system
-    )
-    result.mismatches = run.mismatches
-    result.mismatch_examples = run.mismatch_examples
-    result.errors = run.errors
-    result.stopped_by = "time limit" if run.hit_deadline else "request count"
-    return result
+        for sock in socks:
+            sock.close()
+        conn.close()
 
 
 def run_load(
@@ -234,11 +259,95 @@ def run_load(
     max_seconds: float,
     on_start: Callable[[], None] | None = None,
     host: str = "127.0.0.1",
+    processes: int = 1,
 ) -> LoadResult:
     """Drive ``max_requests`` requests (or ``max_seconds``) over ``connections`` connections.
 
-    ``pool`` holds (request bytes, expected reply bytes); connections cycle through it.
-    ``on_start`` is called once every connection is open, right before the first request
-    (the benchmark reads the server's CPU time there).
+    ``pool`` holds (request bytes, expected reply bytes); connection *i* starts at an offset
+    spread over the pool and cycles through it. ``on_start`` is called once every connection is
+    open, right before the first request (the benchmark reads the server's CPU time there).
+    ``processes`` splits the connections over that many client processes (at most one per
+    connection); their CPU time is added up in ``client_cpu_seconds``.
     """
-    return asyncio.run(_drive(host, port, pool, connections, max_requests, max_seconds, on_start))
+    raise_fd_limit(connections + 64)
+    processes = max(1, min(processes, connections))
+    step = max(1, len(pool) // connections)
+    offsets = [i * step for i in range(connections)]
+    result = LoadResult(connections=connections, client_processes=processes)
+    if processes == 1:
+        socks = _open(host, port, connections)
+        try:
+            if on_start is not None:
+                on_start()
+            started = time.perf_counter()
+            outcomes = [_loop(socks, pool, offsets, max_requests, started + max_seconds)]
+        finally:
+            for sock in socks:
+                sock.close()
+    else:
+        started, outcomes = _run_processes(
+            host, port, pool, offsets, max_requests, max_seconds, processes, on_start
+        )
+    result.wall_seconds = max(outcome.ended for outcome in outcomes) - started
+    for outcome in outcomes:
+        result.latencies_ns += outcome.latencies
+        result.mismatches += outcome.mismatches
+        result.mismatch_examples += outcome.examples
+        result.errors += outcome.errors
+        result.client_cpu_seconds += outcome.cpu_seconds
+    result.mismatch_examples = result.mismatch_examples[:3]
+    result.requests = len(result.latencies_ns)
+    hit = any(outcome.hit_deadline for outcome in outcomes)
+    result.stopped_by = "time limit" if hit else "request count"
+    return result
+
+
+def _run_processes(
+    host: str,
+    port: int,
+    pool: list[tuple[bytes, bytes]],
+    offsets: list[int],
+    max_requests: int,
+    max_seconds: float,
+    processes: int,
+    on_start: Callable[[], None] | None,
+) -> tuple[float, list[_Outcome]]:
+    """Fork ``processes`` clients, start them together, collect their outcomes (bounded)."""
+    context = multiprocessing.get_context("fork")
+    children: list[tuple[Any, Any]] = []
+    try:
+        for n in range(processes):
+            mine = offsets[n::processes]
+            budget = max_requests // processes + (1 if n < max_requests % processes else 0)
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_child, args=(child_end, host, port, pool, mine, budget), daemon=True
+            )
+            process.start()
+            child_end.close()
+            children.append((process, parent_end))
+        for _, pipe in children:
+            if not pipe.poll(30):
+                raise RuntimeError("a client process did not connect within 30 s")
+            status, detail = pipe.recv()
+            if status != "ready":
+                raise RuntimeError(detail)
+        if on_start is not None:
+            on_start()
+        started = time.perf_counter()
+        for _, pipe in children:
+            pipe.send(started + max_seconds)
+        outcomes = []
+        for _, pipe in children:
+            if not pipe.poll(max_seconds + STALL_SECONDS + 30):
+                raise RuntimeError("a client process did not finish in time")
+            status, outcome = pipe.recv()
+            outcomes.append(outcome)
+        return started, outcomes
+    finally:
+        for process, pipe in children:
+            pipe.close()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)

@@ -1,20 +1,25 @@
-"""Postfix pipeline comparison: smtp-source through a private Postfix, with and without policyd.
+"""Postfix pipeline comparison: smtp-source through a private Postfix, with each policy service.
 
 Uses the end-to-end tests' harness (``tests/e2e/postfix.py``, ``PostfixInstance``): a throwaway
 Postfix under a temporary directory, listening on 127.0.0.1 only, every transport ``discard:``.
-The variants:
+The variants (``VARIANTS``, in the order they take turns):
 
 * **built-in**: ``smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination``
-  (``mynetworks = 127.0.0.0/8``), no policyd at all;
-* **policyd, policy check only** (when the shipped main.cf also names policyd's socketmap
-  tables): ``postfix-examples/main.cf`` with ``transport_maps`` and
-  ``smtp_sasl_password_maps`` emptied, i.e. the cost of ``check_policy_service`` alone;
-* **policyd as shipped**: ``postfix-examples/main.cf`` exactly as the e2e tests load it.
+  (``mynetworks = 127.0.0.0/8``), no policy service at all;
+* **responder**: ``postfix-examples/main.cf``'s ``check_policy_service`` exactly as shipped,
+  pointed at ``bench/responder.py`` (the floor), the outbound tables switched off;
+* **policyd, policy check only**: the same, pointed at policyd (small configuration);
+* **policyd as shipped**: ``postfix-examples/main.cf`` exactly as the e2e tests load it
+  (``shipped_relay_settings()``), policy check plus the outbound tables, against a policyd
+  whose YAML comes from ``shipped_policyd_config()``;
+* **postfwd2**: like the responder, pointed at Debian's postfwd2 with equivalent rules.
 
-policyd serves the large configuration plus ``127.0.0.0/8``. ``smtp-source`` relays a bounded
-number of messages (several recipients each, all at a remote domain, so every recipient is a
-relay decision) over parallel sessions; the variants take turns, two rounds. Needs root
-(Postfix's master runs as root) and Debian's postfix package; otherwise the comparison is
+Every policy service decides with the benchmark's small rules, which allow 127.0.0.0/8.
+``smtp-source`` relays a bounded number of messages over 20 parallel sessions, 1 and then 5
+recipients per message (the same number of recipients, i.e. policy requests, in each run), all
+at a remote domain (every recipient is an allowed relay); the variants take turns within each
+round, each on a freshly started Postfix with the same settings (``BENCH_SETTINGS``). Needs
+root (Postfix's master runs as root) and Debian's postfix package; otherwise the comparison is
 skipped with a message saying why.
 """
 
@@ -22,23 +27,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import workload
-from server import PolicydServer
+from server import PolicydServer, ServerProcess, free_port
 from tables import markdown_table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = 20
-RECIPIENTS = 5
 MESSAGE_BYTES = 2000
-ROUNDS = 2
+WARMUP_MESSAGES = 300  # lets Postfix fork its smtpd, cleanup and trivial-rewrite processes
 POLICY_ONLY_OVERRIDES = (
-    "\n# benchmark: the socketmap tables switched off (a later setting wins in main.cf)\n"
+    "\n# benchmark: the outbound tables switched off (a later setting wins in main.cf)\n"
     "transport_maps =\n"
     "smtp_sasl_password_maps =\n"
 )
@@ -46,9 +50,71 @@ BUILTIN_RESTRICTIONS = (
     "# benchmark baseline: Postfix's own relay checks only\n"
     "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n"
 )
+# Appended to every variant's main.cf (after the relay settings under test, which it does not
+# touch). in_flow_delay: cleanup otherwise pauses up to 1 s per message whenever the queue
+# manager has not yet caught up, which made acceptance rates swing by a factor of three
+# between identical runs and measured the delivery side rather than the policy check.
+BENCH_SETTINGS = "\n# benchmark: no inflow throttling (see bench/pipeline.py)\nin_flow_delay = 0s\n"
+# (key, label, policy service key or None, main.cf flavour)
+VARIANTS = (
+    ("builtin", "built-in: permit_mynetworks, reject_unauth_destination", None, "builtin"),
+    ("responder", "responder (floor): check_policy_service as shipped", "responder", "policy"),
+    ("policy", "policyd: check_policy_service only (outbound tables off)", "policyd", "policy"),
+    ("shipped", "policyd: postfix-examples/main.cf as shipped", "shipped", "shipped"),
+    ("postfwd", "postfwd2: check_policy_service as shipped", "postfwd", "policy"),
+)
+QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
-def _missing() -> str | None:
+def shipped_policyd_config(directory: Path, port: int, socketmap_port: int) -> Path:
+    """The policyd YAML behind the "as shipped" variant: the small rules plus what the shipped
+    main.cf's outbound lines need from policyd (today: its socketmap listener)."""
+    return workload.write_config(
+        directory, "shipped", workload.small_lists(), port, socketmap_port=socketmap_port
+    )
+
+
+@dataclass
+class PipelineRun:
+    variant: str
+    recipients: int
+    round: int
+    messages: int
+    seconds: float  # smtp-source run time: every message accepted
+    drained_seconds: float | None  # start -> queue empty; None if it did not empty
+    server_cpu_seconds: float | None
+    machine_busy: float | None
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class PipelineResult:
+    runs: list[PipelineRun] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: str = ""
+    recipients_per_run: int = 0
+    rounds: int = 0
+    recipients: tuple[int, ...] = ()
+
+    def median_rate(self, variant: str, recipients: int) -> float | None:
+        rates = [r.rate for r in self.runs if r.variant == variant and r.recipients == recipients]
+        return statistics.median(rates) if rates else None
+
+
+def rotated(items: list[Any], turn: int) -> list[Any]:
+    """``items`` starting at ``turn`` (mod its length): round N starts one place further on,
+    so that no variant always follows the same other one (Postfix's processes winding down,
+    caches warmed by the previous variant)."""
+    if not items:
+        return items
+    turn %= len(items)
+    return items[turn:] + items[:turn]
+
+
+def missing_requirements() -> str | None:
     """Why the comparison cannot run here, or None."""
     if os.geteuid() != 0:
         return "not running as root (Postfix's master process must run as root)"
@@ -62,7 +128,9 @@ def _smtp_source() -> str:
     return shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 
-def _send(address: tuple[str, int], messages: int, timeout: float) -> tuple[float, str]:
+def _send(
+    address: tuple[str, int], messages: int, recipients: int, timeout: float
+) -> tuple[float, str]:
     """Run smtp-source for ``messages`` messages; (seconds, error text or '')."""
     argv = [
         _smtp_source(),
@@ -71,7 +139,7 @@ def _send(address: tuple[str, int], messages: int, timeout: float) -> tuple[floa
         "-m",
         str(messages),
         "-r",
-        str(RECIPIENTS),
+        str(recipients),
         "-d",
         "-N",
         "-l",
@@ -94,9 +162,6 @@ def _send(address: tuple[str, int], messages: int, timeout: float) -> tuple[floa
         output = (result.stdout + result.stderr).strip().splitlines()
         return elapsed, f"smtp-source exited {result.returncode}: {' / '.join(output[-3:])}"
     return elapsed, ""
-
-
-QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
 def _cpu_busy_idle() -> tuple[int, int]:
@@ -125,175 +190,232 @@ def _wait_drained(queue_dir: Path, timeout: float) -> bool:
     return True
 
 
-def run_pipeline(lists: workload.Lists, messages: int) -> str:
-    """Run the comparison; return its Markdown section (or the reason it was skipped)."""
-    missing = _missing()
+def run_pipeline(
+    services: dict[str, ServerProcess],
+    workdir: Path,
+    recipients_per_run: int,
+    rounds: int,
+    recipients: tuple[int, ...] = (1, 5),
+) -> PipelineResult:
+    """Run the comparison. ``services`` holds the running "responder", "policyd" and "postfwd"
+    servers (a missing one leaves its variant out); the "as shipped" policyd is started here.
+    Each run sends ``recipients_per_run`` recipients: that many messages of one recipient, a
+    fifth as many of five."""
+    result = PipelineResult(
+        recipients_per_run=recipients_per_run, rounds=rounds, recipients=recipients
+    )
+    missing = missing_requirements()
     if missing:
-        message = f"Skipped: {missing}."
-        print(f"  {message}", flush=True)
-        return message + "\n"
+        result.skipped = missing
+        print(f"  skipped: {missing}", flush=True)
+        return result
     from tests.e2e import postfix as harness
 
-    class BuiltinPostfix(harness.PostfixInstance):
-        """The harness's Postfix with Postfix's built-in relay restrictions, no policyd."""
+    class BenchPostfix(harness.PostfixInstance):
+        """The harness's Postfix, its main.cf as the e2e tests write it plus BENCH_SETTINGS."""
+
+        def _main_cf(self) -> str:
+            return super()._main_cf() + BENCH_SETTINGS
+
+    class BuiltinPostfix(BenchPostfix):
+        """The harness's Postfix with Postfix's built-in relay restrictions, no policy service."""
 
         def shipped_relay_settings(self) -> str:
             return BUILTIN_RESTRICTIONS
 
-    class PolicyOnlyPostfix(harness.PostfixInstance):
-        """The shipped main.cf with its socketmap tables switched off: the policy check alone."""
+    class PolicyOnlyPostfix(BenchPostfix):
+        """The shipped main.cf with its outbound tables switched off: the policy check alone."""
 
         def shipped_relay_settings(self) -> str:
             return super().shipped_relay_settings() + POLICY_ONLY_OVERRIDES
 
-    timeout = max(120.0, messages / 5)
-    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-pf-"))
-    workdir.chmod(0o755)
-    server: PolicydServer | None = None
+    flavours: dict[str, Any] = {
+        "builtin": BuiltinPostfix,
+        "policy": PolicyOnlyPostfix,
+        "shipped": BenchPostfix,
+    }
+    timeout = max(120.0, recipients_per_run / 20)
+    base = workdir / "pipeline"
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    shipped: PolicydServer | None = None
     instances: list[Any] = []
-    rows: list[list[str]] = []
-    problems: list[str] = []
     try:
-        port = harness.free_port()
-        socketmap_port = harness.free_port()
-        config = workload.write_config(
-            workdir,
-            "pipeline",
-            lists,
-            port,
-            extra_networks=("127.0.0.0/8",),
-            extra_domains=("local.example",),
-            socketmap_port=socketmap_port,
-        )
-        server = PolicydServer(config, port, workdir / "policyd-pipeline.log")
-        server.start()
-
-        def make(cls: Any, label: str) -> Any:
-            return cls(
-                policy_port=port,
+        port, socketmap_port = free_port(), free_port()
+        config = shipped_policyd_config(base, port, socketmap_port)
+        shipped = PolicydServer(config, port, base / "policyd-shipped.log")
+        shipped.start()
+        servers: dict[str, ServerProcess] = {**services, "shipped": shipped}
+        variants: list[tuple[str, Any, ServerProcess | None]] = []
+        for key, _label, service, flavour in VARIANTS:
+            server = servers.get(service) if service else None
+            if service and server is None:
+                continue
+            instance = flavours[flavour](
+                policy_port=server.port if server is not None else free_port(),
                 socketmap_port=socketmap_port,
-                listeners=[("127.0.0.1", harness.free_port())],
+                listeners=[("127.0.0.1", free_port())],
                 sasl=False,
-                basedir=workdir / f"postfix-{label}",
+                basedir=base / f"postfix-{key}",
             )
-
-        variants: list[tuple[str, Any, bool]] = [
-            (
-                "built-in: permit_mynetworks, reject_unauth_destination",
-                make(BuiltinPostfix, "b"),
-                False,
-            ),
-            (
-                "policyd: check_policy_service only (socketmap tables off)",
-                make(PolicyOnlyPostfix, "p"),
-                True,
-            ),
-            (
-                "policyd: postfix-examples/main.cf as shipped (policy + socketmap tables)",
-                make(harness.PostfixInstance, "s"),
-                True,
-            ),
-        ]
-        instances = [instance for _, instance, _ in variants]
-        for round_number in range(1, ROUNDS + 1):
-            for name, instance, uses_policyd in variants:
+            instances.append(instance)
+            variants.append((key, instance, server))
+        for round_number in range(1, rounds + 1):
+            for key, instance, server in rotated(variants, round_number - 1):
                 instance.start()
                 try:
-                    _send(instance.smtp_address, min(100, messages), timeout)  # warm-up
+                    _send(instance.smtp_address, WARMUP_MESSAGES, max(recipients), timeout)
                     _wait_drained(instance.queue_dir, timeout)
-                    cpu_before = server.cpu_seconds()
-                    machine_before = _cpu_busy_idle()
-                    started = time.perf_counter()
-                    seconds, error = _send(instance.smtp_address, messages, timeout)
-                    machine_after = _cpu_busy_idle()
-                    drained = _wait_drained(instance.queue_dir, timeout)
-                    delivered = time.perf_counter() - started
-                    policyd_cpu = server.cpu_seconds() - cpu_before
+                    for count in recipients:
+                        run = _measure(
+                            key,
+                            instance,
+                            server,
+                            max(1, recipients_per_run // count),
+                            count,
+                            round_number,
+                            timeout,
+                        )
+                        if isinstance(run, str):
+                            result.problems.append(run)
+                            print(f"  ! {run}", flush=True)
+                        else:
+                            result.runs.append(run)
                 finally:
                     instance.stop()
-                if error:
-                    problems.append(f"{name}, round {round_number}: {error}")
-                    print(f"  ! {name}: {error}", flush=True)
-                    continue
-                per_rcpt = (
-                    f"{policyd_cpu / (messages * RECIPIENTS) * 1e6:.0f}" if uses_policyd else "-"
-                )
-                rate = messages / seconds
-                busy = machine_after[0] - machine_before[0]
-                idle = machine_after[1] - machine_before[1]
-                busy_share = f"{busy / (busy + idle) * 100:.0f} %" if busy + idle else "-"
-                print(
-                    f"  round {round_number} {name}: {messages} messages accepted in "
-                    f"{seconds:.2f} s = {rate:.0f} msg/s, queue empty after {delivered:.2f} s",
-                    flush=True,
-                )
-                if not drained:
-                    problems.append(f"{name}, round {round_number}: queue not empty after run")
-                rows.append(
-                    [
-                        name,
-                        str(round_number),
-                        f"{messages:,}",
-                        f"{messages * RECIPIENTS:,}",
-                        f"{seconds:.2f}",
-                        f"{rate:.0f}",
-                        f"{rate * RECIPIENTS:.0f}",
-                        busy_share,
-                        f"{delivered:.2f}" if drained else "not drained",
-                        f"{messages / delivered:.0f}" if drained else "-",
-                        per_rcpt,
-                    ]
-                )
     except Exception as err:
-        problems.append(f"{type(err).__name__}: {err}")
+        result.problems.append(f"{type(err).__name__}: {err}")
         print(f"  ! pipeline comparison failed: {err}", flush=True)
     finally:
         for instance in instances:
             try:
                 instance.stop()
             except Exception as err:
-                problems.append(f"stopping Postfix: {err}")
-        if server is not None:
-            server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+                result.problems.append(f"stopping Postfix: {err}")
+        if shipped is not None:
+            shipped.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return result
 
-    lines = []
-    if rows:
-        lines.append(
-            markdown_table(
+
+def _measure(
+    key: str,
+    instance: Any,
+    server: ServerProcess | None,
+    messages: int,
+    recipients: int,
+    round_number: int,
+    timeout: float,
+) -> PipelineRun | str:
+    """One smtp-source run on a started instance with an empty queue; a problem as text."""
+    if not _wait_drained(instance.queue_dir, timeout):
+        return f"{key}, round {round_number}: queue not empty before the run"
+    cpu_before = server.cpu_seconds() if server is not None else 0.0
+    machine_before = _cpu_busy_idle()
+    started = time.perf_counter()
+    seconds, error = _send(instance.smtp_address, messages, recipients, timeout)
+    machine_after = _cpu_busy_idle()
+    drained = _wait_drained(instance.queue_dir, timeout)
+    delivered = time.perf_counter() - started
+    server_cpu = server.cpu_seconds() - cpu_before if server is not None else None
+    if error:
+        return f"{key}, {recipients} rcpt, round {round_number}: {error}"
+    busy = machine_after[0] - machine_before[0]
+    idle = machine_after[1] - machine_before[1]
+    run = PipelineRun(
+        key,
+        recipients,
+        round_number,
+        messages,
+        seconds,
+        delivered if drained else None,
+        server_cpu,
+        busy / (busy + idle) if busy + idle else None,
+    )
+    print(
+        f"  round {round_number} {key:9} {recipients} rcpt: {messages} messages accepted in "
+        f"{seconds:.2f} s = {run.rate:.0f} msg/s"
+        + (
+            f", server CPU {server_cpu / (messages * recipients) * 1e6:.0f} µs/rcpt"
+            if server_cpu is not None
+            else ""
+        ),
+        flush=True,
+    )
+    return run
+
+
+def _median_range(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    text = format(statistics.median(values), fmt)
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return text
+
+
+def pipeline_report(result: PipelineResult) -> str:
+    """The Markdown section: medians per variant and recipient count, with ratios."""
+    if result.skipped:
+        return f"Skipped: {result.skipped}.\n"
+    rows = []
+    for count in result.recipients:
+        builtin = result.median_rate("builtin", count)
+        floor = result.median_rate("responder", count)
+        for key, label, service, _ in VARIANTS:
+            runs = [r for r in result.runs if r.variant == key and r.recipients == count]
+            if not runs:
+                continue
+            rate = statistics.median(r.rate for r in runs)
+            cpu = [
+                r.server_cpu_seconds / (r.messages * count) * 1e6
+                for r in runs
+                if r.server_cpu_seconds is not None
+            ]
+            drained = [r.messages / r.drained_seconds for r in runs if r.drained_seconds]
+            busy = [r.machine_busy * 100 for r in runs if r.machine_busy is not None]
+            rows.append(
                 [
-                    "relay restrictions",
-                    "round",
-                    "messages",
-                    "recipients",
-                    "accepted in s",
-                    "accepted msg/s",
-                    "accepted rcpt/s",
-                    "machine CPU busy",
-                    "queue empty after s",
-                    "end-to-end msg/s",
-                    "policyd CPU µs/rcpt",
-                ],
-                rows,
-                "lrrrrrrrrrr",
+                    str(count),
+                    label,
+                    str(len(runs)),
+                    _median_range([r.rate for r in runs], ".0f"),
+                    f"{rate * count:.0f}",
+                    f"{rate / builtin:.2f}" if builtin else "-",
+                    f"{rate / floor:.2f}" if floor and service else "-",
+                    _median_range(drained, ".0f") if len(drained) == len(runs) else "not drained",
+                    _median_range(cpu, ".0f") if service else "-",
+                    _median_range(busy, ".0f"),
+                ]
             )
-        )
-        lines.append(
-            f"\n`smtp-source -s {SESSIONS} -m N -r {RECIPIENTS} -d -N -l {MESSAGE_BYTES}` from "
-            "127.0.0.1 to recipients at a remote domain (every recipient is a relay decision, "
-            "allowed), through a private Postfix (harness `tests/e2e/postfix.py`, every "
-            "transport `discard:`); policyd serves the large configuration plus 127.0.0.0/8. "
-            "Postfix, policyd and smtp-source share the machine's cores. The variants were run "
-            f"in turn, {ROUNDS} rounds, each after a 100-message warm-up and with an empty queue. "
-            "*accepted* is smtp-source's run time: every message accepted over SMTP (the "
-            "policy check happens here, and so do most socketmap `transport` lookups: "
-            "trivial-rewrite consults `transport_maps` when smtpd and cleanup resolve each "
-            "recipient). *queue empty* is the time from the start until the last message left "
-            "the queue (delivered to `discard:`). *policyd CPU* is the policyd process's CPU "
-            "time from the start until the queue was empty, divided by the recipients. "
-            "*machine CPU busy* is "
-            "the share of all cores' time not idle while smtp-source ran (from /proc/stat)."
-        )
-    for problem in problems:
+    lines = [
+        markdown_table(
+            [
+                "rcpt/msg",
+                "relay restrictions",
+                "rounds",
+                "accepted msg/s, median (range)",
+                "rcpt/s",
+                "÷ built-in",
+                "÷ responder",
+                "end-to-end msg/s",
+                "policy server CPU µs/rcpt",
+                "machine CPU busy %",
+            ],
+            rows,
+            "rlrrrrrrrr",
+        ),
+        "",
+        f"`smtp-source -s {SESSIONS} -m {result.recipients_per_run:,}/R -r R -d -N -l "
+        f"{MESSAGE_BYTES}` (R recipients per message, {result.recipients_per_run:,} recipients "
+        "per run) from "
+        "127.0.0.1 to recipients at a remote domain (every recipient is a relay decision, "
+        "allowed), through a private Postfix per variant (harness `tests/e2e/postfix.py`, every "
+        "transport `discard:`, `in_flow_delay = 0s`); the variants took turns in each of "
+        f"{result.rounds} rounds (each round starting one variant further on), each on a "
+        f"freshly started Postfix, after a {WARMUP_MESSAGES}-message warm-up and with an empty "
+        "queue. Ratios are of the medians.",
+    ]
+    for problem in result.problems:
         lines.append(f"\n- problem: {problem}")
     return "\n".join(lines) + "\n"

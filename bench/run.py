@@ -1,19 +1,24 @@
 """policyd benchmark: ``make bench`` (or ``.venv/bin/python bench/run.py [--quick]``).
 
-Measures what PRODUCT.md section 7 promises, and prints figures (it never passes or fails on
-speed):
+Measures what PRODUCT.md section 7 promises, side by side with the cheapest honest policy
+service (``bench/responder.py``) and Debian's postfwd2, and prints figures and ratios (it never
+passes or fails on speed):
 
 1. a large configuration (100,000 client networks, 10,000 local domains, in ``file:`` lists)
    and a small one (a handful of entries) are generated in a temporary directory;
-2. policyd runs on each as a subprocess; the time from process start to the policy port
-   accepting connections is the configuration load time;
-3. N persistent connections (1, 10, 100, 300) send Postfix-like requests one at a time each;
-   per run: throughput, client-observed latency, and the policyd process's CPU time per
-   request (utime + stime from /proc/PID/stat), its RSS, and the benchmark client's own CPU;
-4. in-process micro-benchmarks time the pure decision path per verdict type, and the list
+2. in-process micro-benchmarks time the pure decision path per verdict type, and the list
    lookups alone, on both configurations;
-5. optionally (root and Postfix installed) a private Postfix fed by ``smtp-source`` compares
-   policyd against Postfix's built-in relay checks.
+3. four policy servers run as subprocesses: policyd on the small configuration, the responder
+   and postfwd2 with the same rules, and policyd on the large configuration. N persistent
+   connections (1, 20, 100, 500) send Postfix-like requests, one in flight on each; the servers
+   take turns at every level, in several rounds, and every reply is checked against policyd's
+   own ``decide()``. Per run: throughput, client-observed latency, the server's CPU time per
+   request (utime + stime from /proc/PID/stat), and the client's own CPU;
+4. optionally (root and Postfix installed) a private Postfix fed by ``smtp-source`` compares
+   Postfix's built-in relay checks, the responder, policyd (policy check only, and
+   ``postfix-examples/main.cf`` as shipped) and postfwd2 as the policy service;
+5. the report gives medians over the rounds and the ratios PRODUCT.md's targets are about,
+   each marked met or missed.
 
 Every load is bounded by a request count and a wall time; every process started is stopped by
 its PID, also on errors. Only loopback addresses are used.
@@ -22,14 +27,16 @@ its PID, also on errors. Only loopback addresses are used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -43,7 +50,15 @@ for _path in (BENCH_DIR, REPO_ROOT):  # bench modules, and the tests' process he
 import workload  # noqa: E402
 from load import LoadResult, run_load  # noqa: E402
 from micro import REPEATS, MicroResult, run_lookups, run_micro  # noqa: E402
-from server import PolicydServer, free_port  # noqa: E402
+from pipeline import PipelineResult, pipeline_report, rotated, run_pipeline  # noqa: E402
+from server import (  # noqa: E402
+    PolicydServer,
+    PostfwdServer,
+    ResponderServer,
+    ServerProcess,
+    free_port,
+    postfwd_command,
+)
 from tables import markdown_table  # noqa: E402
 
 from policyd.config import Config, load_config  # noqa: E402
@@ -52,6 +67,15 @@ from policyd.request import PolicyRequest  # noqa: E402
 
 SEED = 20240611
 REQUEST_POOL = 5000
+
+# The servers of the socket benchmark, in the order they take turns: (key, label, config).
+SERVERS = (
+    ("policyd", "policyd (small)", "small"),
+    ("responder", "responder (floor)", "small"),
+    ("postfwd", "postfwd2", "small"),
+    ("policyd-large", "policyd (large)", "large"),
+)
+LABELS = {key: label for key, label, _ in SERVERS}
 
 
 @dataclass
@@ -73,11 +97,20 @@ class ConfigInfo:
 
 @dataclass
 class SocketRun:
-    config: str
+    server: str
+    round: int
     load: LoadResult
     server_cpu_seconds: float
     rss_kib: int
-    log_lines: int
+
+    @property
+    def cpu_us(self) -> float:
+        return self.server_cpu_seconds / self.load.requests * 1e6 if self.load.requests else 0.0
+
+    @property
+    def client_cpu_us(self) -> float:
+        load = self.load
+        return load.client_cpu_seconds / load.requests * 1e6 if load.requests else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +154,24 @@ def machine_info() -> list[tuple[str, str]]:
         ("PyYAML", _version("pyyaml")),
         ("prometheus-client", _version("prometheus-client")),
         ("policyd", _version("policyd")),
+        ("postfwd2", _command_output([postfwd_command() or "postfwd2", "-V"], "not installed")),
+        (
+            "Postfix",
+            _command_output(["postconf", "-d", "mail_version"], "not installed").rpartition("= ")[
+                2
+            ],
+        ),
     ]
+
+
+def _command_output(argv: list[str], missing: str) -> str:
+    """The first line a version command prints, or ``missing``."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return missing
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return lines[0] if lines else missing  # postfwd2 -V exits 1
 
 
 def reference_loop(repeats: int = 15) -> tuple[float, float]:
@@ -164,7 +214,7 @@ def _version(name: str) -> str:
 # Configurations and request pools
 
 
-def prepare_configs(workdir: Path, args: argparse.Namespace) -> list[ConfigInfo]:
+def prepare_configs(workdir: Path, args: argparse.Namespace) -> dict[str, ConfigInfo]:
     """Write the small and the large configuration; load each in-process (timed)."""
     infos = [
         ConfigInfo("small", Path(), free_port(), workload.small_lists()),
@@ -183,7 +233,7 @@ def prepare_configs(workdir: Path, args: argparse.Namespace) -> list[ConfigInfo]
         info.load_seconds = time_load_config(info.path)
         info.config = load_config(info.path)
         info.pool, info.pool_denied_share = build_request_pool(info.config, info.lists)
-    return infos
+    return {info.name: info for info in infos}
 
 
 _TIME_LOAD = (
@@ -226,81 +276,305 @@ def build_request_pool(
     return pool, denied / len(pool)
 
 
+def machine_busy(seconds: float = 1.0) -> float:
+    """Share (%) of all cores' time not idle over ``seconds`` while the benchmark is idle:
+    what other users of the machine take."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        idle = values[3] + values[4]
+        return sum(values) - idle, idle
+
+    busy0, idle0 = sample()
+    time.sleep(seconds)
+    busy1, idle1 = sample()
+    total = (busy1 - busy0) + (idle1 - idle0)
+    return (busy1 - busy0) / total * 100 if total else 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Socket benchmark
 
 
-def socket_benchmark(
-    infos: list[ConfigInfo], workdir: Path, args: argparse.Namespace
-) -> list[SocketRun]:
-    """Start policyd on every configuration, drive each concurrency level, stop them (always).
+def start_servers(
+    infos: dict[str, ConfigInfo],
+    workdir: Path,
+    max_connections: int,
+    stack: contextlib.ExitStack,
+) -> dict[str, ServerProcess]:
+    """Start every server of ``SERVERS`` that can run here; each is stopped by ``stack``."""
+    servers: dict[str, ServerProcess] = {}
+    for key, label, config in SERVERS:
+        info = infos[config]
+        server: ServerProcess
+        if key.startswith("policyd"):
+            server = PolicydServer(info.path, info.port, workdir / f"{key}.log")
+        elif key == "responder":
+            server = ResponderServer(free_port(), workdir / "responder.log")
+        else:
+            if postfwd_command() is None:
+                print("  postfwd2: not installed (Debian package postfwd), left out", flush=True)
+                continue
+            # Net::Server prefork: one child per connection, all forked at start.
+            server = PostfwdServer(workdir / "postfwd2", free_port(), children=max_connections + 10)
+        stack.callback(_stop, server)
+        seconds = server.start()
+        time.sleep(0.2)
+        if key.startswith("policyd"):
+            info.startup_seconds = seconds
+            info.idle_rss_kib = server.memory_kib()
+        print(
+            f"  {label}: PID {server.pid}, listening after {seconds:.2f} s, "
+            f"RSS {server.memory_kib() / 1024:.0f} MiB",
+            flush=True,
+        )
+        servers[key] = server
+    return servers
 
-    The configurations take turns at each level (small, large, small, large, ...), so that a
-    change in the machine's speed during the benchmark affects them alike.
-    """
-    servers = {
-        info.name: PolicydServer(info.path, info.port, workdir / f"policyd-{info.name}.log")
-        for info in infos
-    }
+
+def _stop(server: ServerProcess) -> None:
+    code = server.stop()
+    if code not in (0, None, -15):
+        print(f"  ! {server.label} exited with {code}", flush=True)
+
+
+def socket_benchmark(
+    servers: dict[str, ServerProcess],
+    pools: dict[str, list[tuple[bytes, bytes]]],
+    args: argparse.Namespace,
+) -> list[SocketRun]:
+    """Every level, every server, ``args.rounds`` times: servers take turns at each level, in
+    an order that starts one server further on in each round."""
     runs: list[SocketRun] = []
-    try:
-        for info in infos:
-            server = servers[info.name]
-            info.startup_seconds = server.start()
-            time.sleep(0.2)
-            info.idle_rss_kib = server.memory_kib()[0]
-            print(
-                f"  policyd [{info.name}] PID {server.pid}: listening after "
-                f"{info.startup_seconds:.2f} s, RSS {info.idle_rss_kib / 1024:.0f} MiB",
-                flush=True,
-            )
-        for info in infos:  # warm-up, not reported
-            run_load(info.port, info.pool, 10, min(2000, args.requests), 10.0)
+    for key, server in servers.items():  # warm-up, not reported
+        run_load(server.port, pools[key], 10, 2000, 5.0)
+    for round_number in range(1, args.rounds + 1):
+        print(f"  round {round_number}", flush=True)
+        order = rotated(list(servers), round_number - 1)  # each round starts one further on
         for connections in args.concurrency:
-            for info in infos:
-                runs.append(measure(servers[info.name], info, connections, args))
-    finally:
-        for name, server in servers.items():
-            code = server.stop()
-            if code not in (0, None):
-                print(f"  ! policyd [{name}] exited with {code}", flush=True)
+            for key in order:
+                server = servers[key]
+                runs.append(measure(key, server, pools[key], connections, round_number, args))
     return runs
 
 
 def measure(
-    server: PolicydServer, info: ConfigInfo, connections: int, args: argparse.Namespace
+    key: str,
+    server: ServerProcess,
+    pool: list[tuple[bytes, bytes]],
+    connections: int,
+    round_number: int,
+    args: argparse.Namespace,
 ) -> SocketRun:
     """One bounded run; the server's CPU time is read right before the first request."""
     cpu: list[float] = []
-    lines_before = server.log_lines()
-    result = run_load(
-        info.port,
-        info.pool,
-        connections,
-        args.requests,
-        args.max_seconds,
-        on_start=lambda: cpu.append(server.cpu_seconds()),
+    try:
+        result = run_load(
+            server.port,
+            pool,
+            connections,
+            args.requests,
+            args.max_seconds,
+            on_start=lambda: cpu.append(server.cpu_seconds()),
+            processes=args.client_processes,
+        )
+    except RuntimeError as err:  # could not even connect
+        result = LoadResult(connections=connections, errors=[str(err)])
+    server_cpu = server.cpu_seconds() - cpu[0] if cpu else 0.0
+    run = SocketRun(key, round_number, result, server_cpu, server.memory_kib())
+    load = run.load
+    print(
+        f"    {LABELS[key]:18} {connections:4} conns: {load.requests:7} requests in "
+        f"{load.wall_seconds:5.2f} s = {load.throughput:7.0f}/s, p50 {load.percentile_ms(0.5):6.2f}"
+        f" ms, p99 {load.percentile_ms(0.99):7.2f} ms, server {run.cpu_us:5.1f} µs/req, "
+        f"client {run.client_cpu_us:4.1f} µs/req ({load.stopped_by})"
+        + (f", {load.wrong} WRONG" if load.wrong else ""),
+        flush=True,
     )
-    server_cpu = server.cpu_seconds() - cpu[0]
-    rss = server.memory_kib()[0]
-    run = SocketRun(info.name, result, server_cpu, rss, server.log_lines() - lines_before)
-    print("  " + describe_run(run), flush=True)
-    for problem in result.errors[:3] + result.mismatch_examples:
-        print(f"    ! {problem}", flush=True)
-    if result.errors:
-        print(f"    ! policyd log tail:\n{server.log_tail(10)}", flush=True)
+    for problem in load.errors[:3] + load.mismatch_examples:
+        print(f"      ! {problem}", flush=True)
     return run
 
 
-def describe_run(run: SocketRun) -> str:
-    load = run.load
-    per_request = run.server_cpu_seconds / load.requests * 1e6 if load.requests else 0.0
-    return (
-        f"{run.config:5} {load.connections:4} conns: {load.requests} requests in "
-        f"{load.wall_seconds:.2f} s = {load.throughput:.0f}/s, p50 {load.percentile_ms(0.5):.2f}"
-        f" ms, p99 {load.percentile_ms(0.99):.2f} ms, server CPU {per_request:.0f} µs/request"
-        f" ({load.stopped_by})"
+# --------------------------------------------------------------------------------------------
+# Medians and ratios
+
+
+@dataclass
+class Summary:
+    """One server at one level: medians over the rounds."""
+
+    server: str
+    connections: int
+    runs: list[SocketRun]
+
+    def median(self, value: Callable[[SocketRun], float]) -> float:
+        return statistics.median(value(run) for run in self.runs)
+
+    def spread(self, value: Callable[[SocketRun], float], fmt: str) -> str:
+        values = [value(run) for run in self.runs]
+        text = format(statistics.median(values), fmt)
+        if len(values) > 1:
+            text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+        return text
+
+    @property
+    def wrong(self) -> int:
+        return sum(run.load.wrong for run in self.runs)
+
+    @property
+    def throughput(self) -> float:
+        return self.median(lambda r: r.load.throughput)
+
+    @property
+    def cpu_us(self) -> float:
+        return self.median(lambda r: r.cpu_us)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.median(lambda r: r.load.percentile_ms(0.99))
+
+
+def share(cpu_seconds: float, run: SocketRun) -> float:
+    """CPU time as a percentage of one core during the run."""
+    wall = run.load.wall_seconds
+    return cpu_seconds / wall * 100 if wall else 0.0
+
+
+def summarize(runs: list[SocketRun]) -> dict[tuple[str, int], Summary]:
+    summaries: dict[tuple[str, int], Summary] = {}
+    for run in runs:
+        key = (run.server, run.load.connections)
+        summaries.setdefault(key, Summary(run.server, run.load.connections, [])).runs.append(run)
+    return summaries
+
+
+@dataclass
+class Ratio:
+    what: str
+    where: str
+    value: float | None  # None: not comparable
+    target: str  # "≤ 1.5", "≥ 0.95" or "" (no target)
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not comparable"
+        if not self.target:
+            return "—"
+        bound = float(self.target.split()[1])
+        met = self.value <= bound if self.target.startswith("≤") else self.value >= bound
+        return "met" if met else "**missed**"
+
+
+def socket_ratios(summaries: dict[tuple[str, int], Summary], levels: list[int]) -> list[Ratio]:
+    """The ratios of the socket benchmark, computed from the medians."""
+    ratios: list[Ratio] = []
+
+    def pair(
+        what: str,
+        a: str,
+        b: str,
+        value: Callable[[Summary], float],
+        target: Callable[[int], str],
+    ) -> None:
+        for level in levels:
+            first, second = summaries.get((a, level)), summaries.get((b, level))
+            if first is None or second is None:
+                continue
+            comparable = not first.wrong and not second.wrong and value(second) > 0
+            wrong = [LABELS[s.server] for s in (first, second) if s.wrong]
+            ratios.append(
+                Ratio(
+                    what,
+                    f"{level} conns",
+                    value(first) / value(second) if comparable else None,
+                    target(level),
+                    f"wrong answers from {', '.join(wrong)}" if wrong else "",
+                )
+            )
+
+    pair(
+        "policyd ÷ responder, server CPU per request",
+        "policyd",
+        "responder",
+        lambda s: s.cpu_us,
+        lambda n: "≤ 1.5" if n in (20, 100) else "",
     )
+    pair(
+        "policyd ÷ postfwd2, server CPU per request",
+        "policyd",
+        "postfwd",
+        lambda s: s.cpu_us,
+        lambda n: "≤ 0.1",
+    )
+    pair(
+        "policyd ÷ responder, throughput",
+        "policyd",
+        "responder",
+        lambda s: s.throughput,
+        lambda n: "≥ 0.67",
+    )
+    pair(
+        "policyd ÷ responder, p99 latency",
+        "policyd",
+        "responder",
+        lambda s: s.p99_ms,
+        lambda n: "≤ 1.5" if n == 100 else "",
+    )
+    pair(
+        "policyd large ÷ small configuration, throughput",
+        "policyd-large",
+        "policyd",
+        lambda s: s.throughput,
+        lambda n: "≥ 0.95",
+    )
+    pair(
+        "policyd large ÷ small configuration, server CPU per request",
+        "policyd-large",
+        "policyd",
+        lambda s: s.cpu_us,
+        lambda n: "",
+    )
+    return ratios
+
+
+def pipeline_ratios(result: PipelineResult) -> list[Ratio]:
+    ratios: list[Ratio] = []
+    targets = {"shipped": "≥ 0.95", "policy": "≥ 0.97"}
+    names = {
+        "responder": "responder",
+        "policy": "policyd policy check only",
+        "shipped": "policyd as shipped",
+        "postfwd": "postfwd2",
+    }
+    for count in result.recipients:
+        builtin = result.median_rate("builtin", count)
+        floor = result.median_rate("responder", count)
+        for key in ("policy", "shipped"):
+            rate = result.median_rate(key, count)
+            if rate is not None and floor:
+                ratios.append(
+                    Ratio(
+                        f"pipeline: {names[key]} ÷ responder, accepted msg/s",
+                        f"{count} rcpt/msg",
+                        rate / floor,
+                        targets[key],
+                    )
+                )
+        for key in ("responder", "policy", "shipped", "postfwd"):
+            rate = result.median_rate(key, count)
+            if rate is not None and builtin:
+                ratios.append(
+                    Ratio(
+                        f"pipeline: {names[key]} ÷ built-in, accepted msg/s",
+                        f"{count} rcpt/msg",
+                        rate / builtin,
+                        "",
+                    )
+                )
+    return ratios
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +583,11 @@ def describe_run(run: SocketRun) -> str:
 
 def report(
     machine: list[tuple[str, str]],
-    infos: list[ConfigInfo],
+    infos: dict[str, ConfigInfo],
     runs: list[SocketRun],
     micro: list[MicroResult],
     lookups: list[MicroResult],
-    pipeline_text: str,
+    pipeline: PipelineResult | None,
     args: argparse.Namespace,
     elapsed: float,
 ) -> str:
@@ -321,15 +595,45 @@ def report(
     out.append("### Machine\n")
     out += [f"- {label}: {value}" for label, value in machine]
     mode = "quick" if args.quick else "full"
+    pipeline_text = (
+        f"; Postfix pipeline {args.pipeline_recipients:,} recipients per run"
+        if args.pipeline == "auto"
+        else "; Postfix pipeline skipped"
+    )
     out.append(
-        f"- run: {mode}, {args.requests} requests or {args.max_seconds:g} s per level "
-        f"(whichever first), concurrency {', '.join(map(str, args.concurrency))}, "
-        f"{args.micro_iterations} decisions per micro-benchmark type; took {elapsed:.0f} s"
+        f"- run: {mode}, {args.rounds} rounds, each run {args.requests:,} requests or "
+        f"{args.max_seconds:g} s (whichever first), concurrency "
+        f"{', '.join(map(str, args.concurrency))}, {args.client_processes} client process(es), "
+        f"{args.micro_iterations:,} decisions per micro-benchmark type{pipeline_text}; "
+        f"took {elapsed:.0f} s ({elapsed / 60:.1f} min)"
+    )
+
+    summaries = summarize(runs)
+    ratios = socket_ratios(summaries, args.concurrency)
+    if pipeline is not None:
+        ratios += pipeline_ratios(pipeline)
+    out.append("\n### Ratios against the targets\n")
+    out.append(
+        markdown_table(
+            ["ratio (of medians)", "at", "value", "target", "verdict", "note"],
+            [
+                [
+                    r.what,
+                    r.where,
+                    f"{r.value:.2f}" if r.value is not None else "-",
+                    r.target or "—",
+                    r.verdict,
+                    r.note,
+                ]
+                for r in ratios
+            ],
+            "llrlll",
+        )
     )
 
     out.append("\n### Configurations\n")
     rows = []
-    for info in infos:
+    for info in infos.values():
         assert info.config is not None
         relay = info.config.relay
         rows.append(
@@ -363,62 +667,66 @@ def report(
 
     out.append("\n### Policy protocol over TCP (loopback)\n")
     rows = []
-    for run in runs:
-        load = run.load
-        per_request = run.server_cpu_seconds / load.requests * 1e6 if load.requests else 0.0
-        rows.append(
-            [
-                run.config,
-                str(load.connections),
-                f"{load.requests:,}",
-                f"{load.wall_seconds:.2f}",
-                f"{load.throughput:,.0f}",
-                f"{load.percentile_ms(0.50):.2f}",
-                f"{load.percentile_ms(0.90):.2f}",
-                f"{load.percentile_ms(0.99):.2f}",
-                f"{load.max_ms:.1f}",
-                f"{per_request:.0f}",
-                f"{run.server_cpu_seconds / load.wall_seconds * 100:.0f} %"
-                if load.wall_seconds
-                else "-",
-                f"{load.client_cpu_seconds / load.wall_seconds * 100:.0f} %"
-                if load.wall_seconds
-                else "-",
-                f"{run.rss_kib / 1024:.0f}",
-                f"{run.log_lines:,}",
-                str(load.mismatches + len(load.errors)),
-            ]
-        )
+    for level in args.concurrency:
+        for key, label, _ in SERVERS:
+            summary = summaries.get((key, level))
+            if summary is None:
+                continue
+            rows.append(
+                [
+                    str(level),
+                    label,
+                    str(len(summary.runs)),
+                    summary.spread(lambda r: r.load.throughput, ",.0f"),
+                    f"{summary.median(lambda r: r.load.percentile_ms(0.5)):.2f}",
+                    f"{summary.p99_ms:.2f}",
+                    summary.spread(lambda r: r.cpu_us, ".1f"),
+                    f"{summary.median(lambda r: share(r.server_cpu_seconds, r)):.0f} %",
+                    f"{summary.median(lambda r: r.client_cpu_us):.1f}",
+                    f"{summary.median(lambda r: share(r.load.client_cpu_seconds, r)):.0f} %",
+                    f"{summary.median(lambda r: r.rss_kib) / 1024:.0f}",
+                    f"{summary.median(lambda r: r.load.requests):,.0f}",
+                    str(summary.wrong) if not summary.wrong else f"**{summary.wrong}**",
+                ]
+            )
     out.append(
         markdown_table(
             [
-                "config",
                 "conns",
-                "requests",
-                "wall s",
-                "req/s",
+                "server",
+                "rounds",
+                "req/s, median (range)",
                 "p50 ms",
-                "p90 ms",
                 "p99 ms",
-                "max ms",
-                "server CPU µs/req",
+                "server CPU µs/req, median (range)",
                 "server CPU",
+                "client CPU µs/req",
                 "client CPU",
                 "server RSS MiB",
-                "log lines",
-                "errors",
+                "requests/run",
+                "wrong answers",
             ],
             rows,
-            "lrrrrrrrrrrrrrr",
+            "rlrrrrrrrrrrr",
         )
     )
-    shares = ", ".join(f"{info.name} {info.pool_denied_share * 100:.1f} %" for info in infos)
+    small = infos["small"]
+    large = infos["large"]
     out.append(
         f"\nRequest mix: {', '.join(f'{name} {share} %' for name, share in workload.LOAD_MIX)}"
-        f" (29 attributes each, as Postfix 3.7 sends them). Denied, and so logged by policyd: "
-        f"{shares} of the requests. *errors* counts replies that differ from what policyd's "
-        "own `decide()` gives for the request, plus connection failures."
+        " (29 attributes each, as Postfix 3.7 sends them). Denied, and so logged by policyd: "
+        f"small {small.pool_denied_share * 100:.1f} %, large {large.pool_denied_share * 100:.1f}"
+        " % of the requests. Every reply of every server was compared with what policyd's own "
+        "`decide()` gives for the request; *wrong answers* counts the differences plus "
+        "connection failures over all rounds. Latency and CPU columns are medians over the "
+        "rounds; *server CPU* and *client CPU* are shares of one core during the run "
+        "(postfwd2: master and prefork children summed, so it can exceed 100 %)."
     )
+    wrong = sorted({LABELS[s.server] for s in summaries.values() if s.wrong})
+    if wrong:
+        out.append(
+            f"\n**Wrong answers from: {', '.join(wrong)}.** Their figures are not comparable."
+        )
 
     out.append("\n### Decision path in-process (no sockets)\n")
     out.append(micro_table(micro, "verdict type"))
@@ -437,9 +745,9 @@ def report(
         " measured like the table above. These are the only steps whose work could depend on "
         "the size of the lists."
     )
-    if pipeline_text:
+    if pipeline is not None:
         out.append("\n### Postfix pipeline\n")
-        out.append(pipeline_text)
+        out.append(pipeline_report(pipeline))
     return "\n".join(out) + "\n"
 
 
@@ -480,17 +788,24 @@ def micro_table(results: list[MicroResult], first_column: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="policyd benchmark (prints figures only)")
-    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about 3 minutes)")
     parser.add_argument("--output", metavar="FILE", help="also write the Markdown report here")
     parser.add_argument(
         "--concurrency",
         metavar="N,N,...",
-        help="persistent connections per run (default 1,10,100,300; quick: 1,10,100)",
+        help="persistent connections per run (default 1,20,100,500; quick: 1,20,100)",
     )
-    parser.add_argument("--requests", type=int, help="requests per run (default 20000)")
-    parser.add_argument("--max-seconds", type=float, help="wall-time bound per run (default 30)")
+    parser.add_argument("--rounds", type=int, help="rounds of every comparison (default 3)")
+    parser.add_argument("--requests", type=int, help="requests per run at most (default 200000)")
+    parser.add_argument("--max-seconds", type=float, help="load time per run at most (default 2.5)")
     parser.add_argument(
-        "--micro-iterations", type=int, help="decisions per micro-benchmark type (default 100000)"
+        "--client-processes",
+        type=int,
+        default=1,
+        help="client processes sharing the connections (default 1)",
+    )
+    parser.add_argument(
+        "--micro-iterations", type=int, help="decisions per micro-benchmark type (default 50000)"
     )
     parser.add_argument("--networks", type=int, default=100_000, help="large config networks")
     parser.add_argument("--domains", type=int, default=10_000, help="large config domains")
@@ -501,23 +816,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Postfix pipeline comparison: auto (if root and Postfix are there) or skip",
     )
     parser.add_argument(
-        "--pipeline-messages", type=int, help="messages per pipeline run (default 3000)"
+        "--pipeline-recipients",
+        type=int,
+        help="recipients (policy requests) per pipeline run (default 15000)",
     )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.concurrency is None:
-        args.concurrency = [1, 10, 100] if quick else [1, 10, 100, 300]
+        args.concurrency = [1, 20, 100] if quick else [1, 20, 100, 500]
     else:
         args.concurrency = [int(n) for n in args.concurrency.split(",") if n.strip()]
-    if args.requests is None:
-        args.requests = 3000 if quick else 20_000
-    if args.max_seconds is None:
-        args.max_seconds = 10.0 if quick else 30.0
-    if args.micro_iterations is None:
-        args.micro_iterations = 10_000 if quick else 100_000
-    if args.pipeline_messages is None:
-        args.pipeline_messages = 500 if quick else 3000
-    for name in ("requests", "max_seconds", "micro_iterations", "pipeline_messages"):
+    defaults = {
+        "rounds": (2, 3),
+        "requests": (50_000, 200_000),
+        "max_seconds": (1.0, 2.5),
+        "micro_iterations": (10_000, 50_000),
+        "pipeline_recipients": (2500, 15_000),
+    }
+    for name, (quick_value, full_value) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick_value if quick else full_value)
+    for name in (*defaults, "client_processes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not args.concurrency or min(args.concurrency) <= 0 or max(args.concurrency) > 1000:
@@ -528,28 +847,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    busy_before = machine_busy()
     steal_before = cpu_counters()
     speed_before = reference_loop()
     machine = machine_info()
     print("policyd benchmark")
     for label, value in machine:
         print(f"  {label}: {value}")
+    print(f"  machine CPU busy before the start: {busy_before:.0f} %", flush=True)
     print(flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="policyd-bench-") as tmp:
+    pipeline: PipelineResult | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="policyd-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         workdir = Path(tmp)
+        workdir.chmod(0o755)  # postfwd2 and Postfix's daemons run as other users
         print(
             f"generating configurations ({args.networks:,} networks, {args.domains:,} domains)",
             flush=True,
         )
         infos = prepare_configs(workdir, args)
-        for info in infos:
+        for info in infos.values():
             print(f"  {info.name}: load_config() {info.load_seconds:.2f} s", flush=True)
 
         print("\ndecision micro-benchmark (in-process)", flush=True)
         micro_configs = {
             info.name: (info.config, workload.RequestFactory(info.lists, SEED + 2))
-            for info in infos
+            for info in infos.values()
             if info.config is not None
         }
         micro = run_micro(micro_configs, args.micro_iterations)
@@ -562,18 +888,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
         print("\npolicy protocol over TCP", flush=True)
-        runs = socket_benchmark(infos, workdir, args)
+        servers = start_servers(infos, workdir, max(args.concurrency), stack)
+        pools = {key: infos[config].pool for key, _, config in SERVERS}
+        runs = socket_benchmark(servers, pools, args)
 
-        pipeline_text = ""
         if args.pipeline == "auto":
-            from pipeline import run_pipeline
-
             print("\nPostfix pipeline", flush=True)
-            large = infos[-1]
-            pipeline_text = run_pipeline(large.lists, args.pipeline_messages)
+            services = {k: servers[k] for k in ("responder", "policyd", "postfwd") if k in servers}
+            pipeline = run_pipeline(services, workdir, args.pipeline_recipients, args.rounds)
+        stack.close()  # every server stopped before the closing measurements
 
     steal_after = cpu_counters()
     speed_after = reference_loop()
+    busy_after = machine_busy()
     machine.append(
         (
             "reference loop (200,000 multiply-adds in Python), best / median",
@@ -585,8 +912,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if total > 0:
         steal = (steal_after[0] - steal_before[0]) / total * 100
         machine.append(("CPU steal during the run", f"{steal:.1f} % (time taken by the host)"))
+    machine.append(
+        (
+            "machine CPU busy with the benchmark idle (others' load), 1 s",
+            f"{busy_before:.0f} % before the start, {busy_after:.0f} % after the end",
+        )
+    )
     text = report(
-        machine, infos, runs, micro, lookups, pipeline_text, args, time.perf_counter() - started
+        machine, infos, runs, micro, lookups, pipeline, args, time.perf_counter() - started
     )
     print()
     print(text)

@@ -3,8 +3,8 @@
 Everything is generated from a seeded random generator, so two runs with the same seed measure
 the same configuration and the same requests. Address ranges are kept apart on purpose:
 
-* allowed client networks never touch 127.0.0.0/8, 198.0.0.0/8 or the IPv6 documentation
-  prefix 2001:db8::/32;
+* the large configuration's allowed client networks never touch 127.0.0.0/8, 198.0.0.0/8 or
+  the IPv6 documentation prefix 2001:db8::/32 (the small one allows 127.0.0.0/8, for Postfix);
 * "outside" clients (inbound mail, relay attempts) come from 198.18.0.0/15 and 2001:db8::/32;
 * the never-list holds single addresses picked inside allowed networks (so "never wins over
   allow" is exercised) plus a few networks in 198.19.0.0/16.
@@ -200,8 +200,19 @@ def large_lists(seed: int, networks: int, domains: int, v6_share: float = 0.1) -
 
 
 def small_lists() -> Lists:
-    """A handful of entries, as a small site would have."""
-    allow = ["192.0.2.0/24", "172.16.0.0/12", "100.64.0.0/16", "203.0.113.7", "2001:db9:1::/48"]
+    """A handful of entries, as a small site would have.
+
+    ``bench/responder.py`` and ``server.POSTFWD_RULES`` hard-code the same rules: keep them in
+    step (the benchmark and the smoke test check every reply of both against ``decide()``).
+    """
+    allow = [
+        "127.0.0.0/8",  # the Postfix pipeline's clients
+        "192.0.2.0/24",
+        "172.16.0.0/12",
+        "100.64.0.0/16",
+        "203.0.113.7",
+        "2001:db9:1::/48",
+    ]
     lists = Lists(
         allow_networks=allow,
         never_networks=["172.16.9.9", "198.19.200.0/24"],
