@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from policyd.config import ConfigError, parse_config
+from policyd.service import write_tables
 from policyd.transport_table import (
     TableWriteError,
     TransportTableSettings,
@@ -272,3 +273,35 @@ def test_unwritable_directory_is_an_error(tmp_path: Path, postfix_dir: Path) -> 
     with pytest.raises(TableWriteError, match="cannot create a file in"):
         write_transport_table(table, ROWS, source="policyd.yaml")
 
+
+def test_no_password_ever_reaches_the_table(tmp_path: Path, postfix_dir: Path) -> None:
+    """The table files are world-readable: after writing a configuration whose profiles log
+    in, neither the source nor the built file contains a password or an account name."""
+    passwords = {"partner": "Partner-pw-7f3a", "smarthost": "Smart-pw-91cc", "corp": "Corp-pw-55"}
+    for name, password in passwords.items():
+        (tmp_path / name).write_text(password + "\n")
+        (tmp_path / name).chmod(0o600)
+    config = parse_config(
+        f"""
+listen: {{policy: "inet:127.0.0.1:10040"}}
+local_domains: [local.example]
+outbound:
+  transport_table: {{path: transport, postfix_config_dir: {postfix_dir}}}
+  default: {{auth: cleartext, username: site@isp.example, password_file: smarthost,
+            nexthop: "[smtp.isp.example]:587"}}
+  domains:
+    partner.example: {{auth: cleartext, username: relay@partner.example,
+                      password_file: partner, nexthop: "[smtp.partner.example]:587"}}
+    corp.example: {{auth: ntlm, username: 'CORP\\svc', password_file: corp}}
+""",
+        source="policyd.yaml",
+        base_dir=tmp_path,
+    )
+    written = write_tables(config)
+    assert written is not None and written.entries == 4
+    table = config.transport_table
+    assert table is not None
+    contents = table.path.read_bytes() + table.built_path.read_bytes()
+    for secret in (*passwords.values(), "site@isp.example", "relay@partner.example", "svc"):
+        assert secret.encode() not in contents, secret
+    assert query(table, "corp.example") == (0, "policyd-ntlm:corp.example")

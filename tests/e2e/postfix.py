@@ -57,6 +57,10 @@ EXAMPLE_MASTER_CF = REPO_ROOT / "postfix-examples" / "master.cf"
 # The endpoints written in postfix-examples/main.cf; the harness swaps in its own ports.
 EXAMPLE_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
 EXAMPLE_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
+# The static transport table policyd writes (outbound.transport_table in policyd.yaml) and
+# postfix-examples/main.cf reads; the harness moves it into the test's directory.
+EXAMPLE_TRANSPORT_TABLE_PATH = "/var/lib/policyd/transport"
+EXAMPLE_TRANSPORT_TABLE = f"hash:{EXAMPLE_TRANSPORT_TABLE_PATH}"
 
 POSTFIX_COMMANDS = ("postfix", "postconf", "postmap", "postqueue", "saslpasswd2")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
