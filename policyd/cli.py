@@ -232,7 +232,8 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
             return EXIT_CONFIG
     elif config.transport_table is not None:
         log.warning(
-            "not writing %s (--no-transport-table): Postfix must use the socketmap transport map",
+            "not writing %s (--no-transport-table): a table already there is left as it is; "
+            "the socketmap transport map answers from this configuration",
             config.transport_table.table,
         )
 
