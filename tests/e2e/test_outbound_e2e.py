@@ -178,6 +178,14 @@ def policyd_config(
                     "password_file": str(secret_files["legacy"]),
                     "nexthop": servers["notls"].nexthop,
                 },
+                # An IDNA domain, written here in U-labels; Postfix looks SMTPUTF8 mail up
+                # by its U-labels, other mail by the A-labels (xn--bcher-kva.example).
+                "bücher.example": {
+                    "auth": "cleartext",
+                    "username": PARTNER_ACCOUNT,
+                    "password_file": str(secret_files["partner"]),
+                    "nexthop": servers["partner"].nexthop,
+                },
                 # No next hop: delivered to the domain itself (not reachable here: no DNS);
                 # only its table answers are checked.
                 "direct.example": {
@@ -460,6 +468,33 @@ def test_local_mail_keeps_postfix_routing_despite_the_star_row(
     line = postfix.wait_for_maillog(f"to=<{recipient}>", "status=sent", timeout=DELIVERY_TIMEOUT)
     assert "postfix/discard[" in line and "relay=none" in line, line
     assert servers["default"].messages_to(recipient) == []
+
+
+@pytest.mark.parametrize(
+    "recipient", ["someone@bücher.example", "someone@xn--bcher-kva.example"], ids=["U", "A"]
+)
+def test_idna_domain_is_routed_in_both_spellings(
+    postfix: PostfixInstance, servers: dict[str, RemoteServer], recipient: str
+) -> None:
+    """An override for an IDNA domain: mail sent with SMTPUTF8 to its U-label spelling (which
+    trivial-rewrite looks up as such in the static table) and mail to its A-label spelling
+    both leave through policyd-cleartext for the override's next hop. Only the route is
+    checked: the test server offers no SMTPUTF8, so Postfix may refuse to hand it the U-label
+    message ("SMTPUTF8 is required, but was not offered"). Without the U-label row, that mail
+    went through the ``*`` row to the default smart host instead (seen when it was left out)."""
+    host, port = postfix.smtp_address
+    with smtplib.SMTP(host, port, source_address=(CLIENT, 0), timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.has_extn("smtputf8")
+        client.command_encoding = "utf-8"  # smtplib's own choice for SMTPUTF8 transactions
+        assert client.mail(SENDER, ["SMTPUTF8"])[0] == 250
+        code, text = client.rcpt(recipient)
+        assert code == 250, (recipient, code, text)
+        message = f"From: <{SENDER}>\r\nSubject: idna\r\n\r\nhello\r\n".encode()
+        assert client.data(message)[0] == 250
+    line = postfix.wait_for_maillog(f"to=<{recipient}>", "relay=", timeout=DELIVERY_TIMEOUT)
+    assert "postfix/policyd-cleartext/smtp" in line, line
+    assert f"relay=127.0.0.31[127.0.0.31]:{servers['partner'].port}" in line, line
 
 
 def test_wrong_password_defers_never_bounces_or_sends_unauthenticated(
