@@ -212,6 +212,12 @@ class PolicyService:
             log.warning("reload: changes to listen take effect only at restart")
         for warning in config.warnings:
             log.warning("configuration warning: %s", warning)
+        previous = self.config.transport_table
+        if self.write_tables and previous is not None and config.transport_table is None:
+            log.warning(
+                "reload: outbound.transport_table was removed; %s is no longer updated",
+                previous.table,
+            )
         self.config = config
         self.factory.limits = config.limits
         self.record_table_write(written)
@@ -221,10 +227,16 @@ class PolicyService:
         return True
 
     def record_table_write(self, written: TableWrite | None) -> None:
-        """Count and log a successful table write (at start or reload); None: none written."""
-        if written is None:
-            return
+        """Count and log a successful table write (at start or reload).
+
+        None means policyd writes no table (none configured, or ``--no-transport-table``):
+        the entries and timestamp gauges go to 0, as their help text says.
+        """
         metrics = self.metrics
+        if written is None:
+            metrics.transport_table_entries.set(0)
+            metrics.transport_table_last_write.set(0)
+            return
         metrics.transport_table_writes.labels(result=written.result).inc()
         metrics.transport_table_entries.set(written.entries)
         metrics.transport_table_last_write.set(written.timestamp)

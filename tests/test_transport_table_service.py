@@ -129,6 +129,21 @@ def test_failed_write_fails_the_reload_old_rules_and_table_kept(
     assert "no-such-postmap' not found" in caplog.text
 
 
+def test_removing_the_section_stops_the_writes(
+    tmp_path: Path, postfix_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload without outbound.transport_table leaves the old file alone, warns that it is
+    no longer updated, and the entries gauge goes to 0 (policyd writes no table now)."""
+    service, path = started_service(tmp_path, postfix_dir)
+    before = table_text(tmp_path)
+    text = config_text(postfix_dir, nexthop="[gw2.example]", networks="192.0.2.0/24")
+    path.write_text(text[: text.index("  transport_table:")])
+    assert service.reload()
+    assert table_text(tmp_path) == before
+    assert "outbound.transport_table was removed; hash:" in caplog.text
+    assert sample(service, "policyd_transport_table_entries") == 0
+
+
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "policyd", *args],
