@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# --no-transport-table: the example's outbound.transport_table (/var/lib/policyd, postmap) is
+# for a Postfix host; `make run` only shows policyd answering, as any user, without Postfix.
 run: venv
-	$(BIN)/policyd serve --config $(CONFIG) --verbose
+	$(BIN)/policyd serve --config $(CONFIG) --verbose --no-transport-table
 
 system-deps:
 	bash scripts/install-system-deps.sh

@@ -68,10 +68,28 @@ QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 def shipped_policyd_config(directory: Path, port: int, socketmap_port: int) -> Path:
     """The policyd YAML behind the "as shipped" variant: the small rules plus what the shipped
-    main.cf's outbound lines need from policyd (today: its socketmap listener)."""
-    return workload.write_config(
+    main.cf's outbound lines need from policyd: its socketmap listener (``sasl_passwd``) and the
+    static transport table it writes (``transport_table_path()``), built by ``postmap`` with a
+    minimal main.cf of its own (the Postfix instances do not exist yet when policyd starts)."""
+    config = workload.write_config(
         directory, "shipped", workload.small_lists(), port, socketmap_port=socketmap_port
     )
+    postmap_config = directory / "postmap-config"
+    postmap_config.mkdir(exist_ok=True)
+    (postmap_config / "main.cf").write_text("compatibility_level = 3.7\n")
+    with config.open("a") as out:
+        out.write(
+            "outbound:\n"
+            "  transport_table:\n"
+            f"    path: {transport_table_path(directory)}\n"
+            f"    postfix_config_dir: {postmap_config}\n"
+        )
+    return config
+
+
+def transport_table_path(directory: Path) -> Path:
+    """Where the "as shipped" policyd writes the transport table the Postfix instances read."""
+    return directory / "transport"
 
 
 @dataclass
@@ -254,6 +272,7 @@ def run_pipeline(
             instance = flavours[flavour](
                 policy_port=server.port if server is not None else free_port(),
                 socketmap_port=socketmap_port,
+                transport_table=transport_table_path(base),
                 listeners=[("127.0.0.1", free_port())],
                 sasl=False,
                 basedir=base / f"postfix-{key}",

@@ -24,6 +24,7 @@ __all__ = [
     "DomainSet",
     "normalize_domain",
     "resolve_destination",
+    "unicode_form",
 ]
 
 # Longer input cannot be a domain (253 octets), even with characters that IDNA mapping drops;
@@ -138,6 +139,31 @@ def normalize_domain(text: str) -> str:
     return _normalize(text, text)
 
 
+def unicode_form(domain: str) -> str | None:
+    """The U-label spelling of a domain in normalize_domain's form, or None.
+
+    Every ``xn--`` label becomes its Unicode form (``xn--bcher-kva.example`` ->
+    ``bücher.example``). None when nothing changes (no A-label, an address literal), when an
+    A-label does not decode, or when the Unicode form is not its own case fold: a table whose
+    keys are case-folded (Postfix folds ``ß`` to ``ss``) would then also match another,
+    ASCII domain (``strasse.example``), so no such key may be written.
+    """
+    if domain.startswith("[") or "xn--" not in domain:
+        return None
+    labels: list[str] = []
+    for label in domain.split("."):
+        if label.startswith("xn--"):
+            try:
+                label = idna.ulabel(label)
+            except (ValueError, UnicodeError):
+                return None
+        labels.append(label)
+    result = ".".join(labels)
+    if result.casefold() != result:
+        return None
+    return result
+
+
 class DomainSet:
     """Compiled, immutable set of local domains.
 
@@ -212,6 +238,16 @@ class DomainSet:
             known = checked if isinstance(checked, Destination) else _local(checked)
             self._destinations[raw] = known
         return known
+
+    @property
+    def exact(self) -> frozenset[str]:
+        """The exact entries (domains and address literals), in normalize_domain's form."""
+        return self._exact
+
+    @property
+    def parents(self) -> frozenset[str]:
+        """The ``.parent`` entries, without their leading dot, in normalize_domain's form."""
+        return self._parents
 
     def __len__(self) -> int:
         """Number of entries given to the constructor."""

@@ -1,9 +1,11 @@
-"""Command line: ``policyd serve``, ``policyd check-config``, ``policyd explain``.
+"""Command line: ``policyd serve``, ``check-config``, ``explain``, ``write-tables``.
 
 Exit codes (the only module that sets them):
 
-- 0: success (``serve`` stopped by SIGTERM/SIGINT; a valid configuration; a decision explained)
-- 1: the configuration is invalid or unreadable (nothing was started)
+- 0: success (``serve`` stopped by SIGTERM/SIGINT; a valid configuration; a decision explained;
+  the tables written)
+- 1: the configuration is invalid or unreadable, or ``outbound.transport_table`` cannot be
+  written (nothing was started)
 - 2: usage error (bad arguments, a malformed request given to ``explain``)
 - 3: ``serve`` could not listen on a configured address
 """
@@ -57,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log every decision (default: only denials and errors)",
     )
     serve.add_argument("--debug", action="store_true", help="debug logging (implies --verbose)")
-    add("check-config", "Validate the configuration, print a summary, exit non-zero on error.")
+    serve.add_argument(
+        "--no-transport-table",
+        action="store_true",
+        help="do not write outbound.transport_table (to try a configuration on a machine "
+        "without Postfix, as `make run` does); the socketmap still serves the transport map",
+    )
+    add(
+        "check-config",
+        "Validate the configuration, print a summary, exit non-zero on error. Writes nothing.",
+    )
+    add(
+        "write-tables",
+        "Write outbound.transport_table once (as serve does at start), then exit.",
+    )
     explain = add(
         "explain",
         "Decide one request and print the reply, verdict, rule and outbound profile. "
@@ -77,9 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args.config, verbose=args.verbose or args.debug, debug=args.debug)
+        return serve(
+            args.config,
+            verbose=args.verbose or args.debug,
+            debug=args.debug,
+            write_tables=not args.no_transport_table,
+        )
     if args.command == "check-config":
         return check_config(args.config, sys.stdout, sys.stderr)
+    if args.command == "write-tables":
+        return write_tables(args.config, sys.stdout, sys.stderr)
     return explain(args.config, args.attributes, sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -97,6 +119,31 @@ def check_config(path: str, out: TextIO, err: TextIO) -> int:
     if config is None:
         return EXIT_CONFIG
     print(config.summary(), file=out)
+    if config.transport_table is not None:
+        from policyd.transport_table import problems
+
+        for problem in problems(config.transport_table):
+            print(f"  warning: outbound.transport_table: {problem} (serve would fail)", file=out)
+    return EXIT_OK
+
+
+def write_tables(path: str, out: TextIO, err: TextIO) -> int:
+    """``policyd write-tables``: write outbound.transport_table as ``serve`` would."""
+    from policyd.service import write_tables as write
+    from policyd.transport_table import TableWriteError
+
+    config = _load(path, err)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        written = write(config)
+    except TableWriteError as error:
+        print(f"policyd: {error}", file=err)
+        return EXIT_CONFIG
+    if written is None:
+        print("no outbound.transport_table configured: nothing to write", file=out)
+    else:
+        print(written.describe(), file=out)
     return EXIT_OK
 
 
@@ -132,19 +179,49 @@ def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err
         print(f"outbound: {profile.describe()} (if it were relayed)", file=out)
     else:
         print("outbound: - (not relayed)", file=out)
+    print(f"transport: {_transport_line(config, decision.destination)}", file=out)
     if decision.warn_only:
         print("mode: warn (would be denied in enforce mode)", file=out)
     return EXIT_OK
 
 
-def serve(path: str, *, verbose: bool, debug: bool) -> int:
-    """``policyd serve``: run until SIGTERM/SIGINT; SIGHUP reloads."""
+def _transport_line(config: Config, destination: str | None) -> str:
+    """What transport_maps gives Postfix for mail to ``destination`` (table and socketmap)."""
+    if not destination:
+        return "- (no destination domain)"
+    answer = config.outbound_tables.transport(destination)
+    where = "socketmap transport map"
+    if config.transport_table is not None:
+        where = f"{config.transport_table.table} and the {where}"
+    if answer is None:
+        return f"- (Postfix's own routing; {where})"
+    return f"{answer} ({where})"
+
+
+def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -> int:
+    """``policyd serve``: write the tables, run until SIGTERM/SIGINT; SIGHUP reloads."""
     from policyd import logs
 
     handler = logs.setup(debug, sys.stderr)
     config = _load(path, sys.stderr)
     if config is None:
         return EXIT_CONFIG
+    from policyd.service import write_tables as write
+    from policyd.transport_table import TableWrite, TableWriteError
+
+    written: TableWrite | None = None
+    if write_tables:
+        try:
+            written = write(config)
+        except TableWriteError as error:
+            print(f"policyd: configuration error: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+    elif config.transport_table is not None:
+        log.warning(
+            "not writing %s (--no-transport-table): a table already there is left as it is; "
+            "the socketmap transport map answers from this configuration",
+            config.transport_table.table,
+        )
 
     from prometheus_client import CollectorRegistry
     from twisted.internet import reactor as _reactor
@@ -159,8 +236,14 @@ def serve(path: str, *, verbose: bool, debug: bool) -> int:
     for warning in config.warnings:
         log.warning("configuration warning: %s", warning)
     service = PolicyService(
-        path, config, reactor, Metrics(CollectorRegistry()), log_all_decisions=verbose
+        path,
+        config,
+        reactor,
+        Metrics(CollectorRegistry()),
+        log_all_decisions=verbose,
+        write_tables=write_tables,
     )
+    service.record_table_write(written)
     failures: list[Any] = []
 
     def stop_reactor() -> bool:

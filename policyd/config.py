@@ -41,6 +41,12 @@ from policyd.outbound import (
     Secret,
     TlsLevel,
 )
+from policyd.transport_table import (
+    DEFAULT_POSTFIX_CONFIG_DIR,
+    TABLE_TYPES,
+    TableType,
+    TransportTableSettings,
+)
 
 T = TypeVar("T")
 
@@ -134,6 +140,7 @@ class Config:
     limits: Limits
     outbound: Outbound
     outbound_tables: OutboundTables
+    transport_table: TransportTableSettings | None = None
     file_lists: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -157,6 +164,16 @@ class Config:
         ]
         for domain, profile in self.outbound.domains:
             lines.append(f"    {domain}: {profile.describe()}")
+        table = self.transport_table
+        if table is None:
+            lines.append("  outbound.transport_table: - (transport served by the socketmap only)")
+        else:
+            entries = len(self.outbound_tables.transport_table_entries())
+            lines.append(
+                f"  outbound.transport_table: {table.table} ({entries} entries; built file "
+                f"{table.built_path.name}, postmap {table.postmap_command()} -c "
+                f"{table.postfix_config_dir})"
+            )
         if self.file_lists:
             lines.append(f"  file lists: {', '.join(self.file_lists)}")
         lines.extend(f"  warning: {warning}" for warning in self.warnings)
@@ -219,6 +236,7 @@ class _Builder:
         self.file_lists: list[str] = []
         self.warnings: list[str] = []
         self.outbound_tables: OutboundTables | None = None
+        self.transport_table: TransportTableSettings | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -361,6 +379,7 @@ class _Builder:
             limits=limits,
             outbound=outbound,
             outbound_tables=tables,
+            transport_table=self.transport_table,
             file_lists=tuple(self.file_lists),
             warnings=tuple(self.warnings),
         )
@@ -542,7 +561,9 @@ class _Builder:
         return limits
 
     def outbound(self, node: Node, local_domains: DomainSet) -> Outbound:
-        section = self.mapping(node, "outbound", ("default", "domains"))
+        section = self.mapping(node, "outbound", ("default", "domains", "transport_table"))
+        if "transport_table" in section:
+            self.transport_table = self.transport_table_section(section["transport_table"][1])
         default = OutboundProfile()
         if "default" in section:
             default = self.profile(section["default"][1], "outbound.default")
@@ -586,6 +607,58 @@ class _Builder:
         except CredentialConflict as err:
             raise self.error(err.second, key_nodes.get(err.second, node), str(err)) from None
         return outbound
+
+    def transport_table_section(self, node: Node) -> TransportTableSettings:
+        """``outbound.transport_table``: where and how policyd writes the static table."""
+        path = "outbound.transport_table"
+        section = self.mapping(node, path, ("path", "type", "postmap", "postfix_config_dir"))
+        if "path" not in section:
+            raise self.error(f"{path}.path", node, "missing (e.g. /var/lib/policyd/transport)")
+        values: dict[str, str] = {}
+        for key, (_, value_node) in section.items():
+            value = self.string(value_node, f"{path}.{key}").strip()
+            if any(c.isspace() for c in value) or "," in value:
+                raise self.error(
+                    f"{path}.{key}", value_node, f"{value!r} must not contain white space or ','"
+                )
+            values[key] = value
+        table_path = self.resolve(values["path"])
+        if values["path"].endswith("/") or table_path.name in ("", ".", ".."):
+            raise self.error(
+                f"{path}.path", section["path"][1], "must name a file, not a directory"
+            )
+        table_type: TableType = "hash"
+        if "type" in values:
+            wanted = values["type"]
+            for known in TABLE_TYPES:
+                if wanted == known:
+                    table_type = known
+                    break
+            else:
+                raise self.error(
+                    f"{path}.type",
+                    section["type"][1],
+                    f"{wanted!r} is not one of {', '.join(TABLE_TYPES)}",
+                )
+        postmap = values.get("postmap", "")
+        if "/" in postmap:
+            postmap = str(self.resolve(postmap))
+        config_dir = values.get("postfix_config_dir")
+        return TransportTableSettings(
+            path=table_path,
+            type=table_type,
+            postmap=postmap,
+            postfix_config_dir=(
+                str(self.resolve(config_dir)) if config_dir else DEFAULT_POSTFIX_CONFIG_DIR
+            ),
+        )
+
+    def resolve(self, name: str) -> Path:
+        """An absolute path: relative names are relative to the configuration's directory."""
+        path = Path(name)
+        if not path.is_absolute():
+            path = self.base_dir / path
+        return path.absolute()
 
     def profile(self, node: Node, path: str) -> OutboundProfile:
         section = self.mapping(

@@ -183,3 +183,26 @@ class Metrics:
             self.protocol_errors.labels(listener="policy", reason=reason)
         for reason in SOCKETMAP_REASONS:
             self.protocol_errors.labels(listener="socketmap", reason=reason)
+        # -- the static transport table (outbound.transport_table) ----------------------------
+        # Written at start and on every reload, never on the request path.
+        self.transport_table_entries = Gauge(
+            "policyd_transport_table_entries",
+            "Rows in the transport table file in place (outbound.transport_table); 0 when "
+            "policyd writes none.",
+            registry=registry,
+        )
+        self.transport_table_writes = Counter(
+            "policyd_transport_table_writes",
+            "Attempts to write the transport table, by result: written (replaced), unchanged "
+            "(same content, left alone), failure (old table kept; a reload fails with it).",
+            ["result"],
+            registry=registry,
+        )
+        self.transport_table_last_write = Gauge(
+            "policyd_transport_table_last_write_timestamp_seconds",
+            "Unix time at which the transport table in place was built (its file's mtime when "
+            "it was left unchanged); 0 when policyd writes none.",
+            registry=registry,
+        )
+        for result in ("written", "unchanged", "failure"):
+            self.transport_table_writes.labels(result=result)

@@ -8,6 +8,10 @@ two maps (see reference/postfix-interfaces.md §3):
 - ``sasl_passwd`` (``smtp_sasl_password_maps``): the remote host name, then the next hop exactly
   as written (brackets and port) → ``account:password``.
 
+The same ``transport`` answers can also be written as a static Postfix table
+(``transport_table_entries``), so that Postfix need not ask policyd about every recipient;
+``sasl_passwd`` is only ever served, never written.
+
 Passwords live in ``Secret`` objects whose ``repr``/``str`` never show the value.
 """
 
@@ -16,11 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from policyd.address import DomainSet, normalize_domain
+from policyd.address import DomainSet, normalize_domain, unicode_form
 
 AuthKind = Literal["none", "cleartext", "ntlm"]
 AUTH_KINDS: tuple[AuthKind, ...] = get_args(AuthKind)
 TlsLevel = Literal["encrypt", "may"]
+
+#: The transport(5) value meaning "no change": Postfix routes as if the table had no entry.
+NO_CHANGE = ":"
 
 #: Transport names, one per kind of authentication, as defined in postfix-examples/master.cf.
 TRANSPORTS: dict[str, str] = {
@@ -184,6 +191,48 @@ class OutboundTables:
         if domain and self.local_domains.contains_normalized(domain):
             return None
         return self._select_normalized(domain).transport_answer
+
+    def transport_table_entries(self) -> tuple[tuple[str, str], ...]:
+        """The ``transport`` map as rows of a static Postfix table: (key, value), sorted.
+
+        Contract: for every recipient domain, Postfix's lookup in a fixed table (hash, lmdb,
+        cdb, btree) holding exactly these rows gives what ``transport()`` answers for an
+        address in that domain. Postfix tries the domain, then each parent as ``.parent``
+        (``parent_domain_matches_subdomains`` does not list transport_maps by default), then
+        ``*``; the first key found wins, and the value ``:`` means "no change" (Postfix's own
+        routing, the same as ``transport()``'s NOTFOUND). So:
+
+        - every override domain → its answer, or ``:`` if it is also local;
+        - every exact local domain and address literal → ``:``; every ``.parent`` local entry
+          → ``.parent :``, so that neither a ``*`` row nor anything else overrides local mail;
+        - ``*`` → the default profile's answer, when it has one (a login or a next hop).
+
+        Exact keys beat ``.parent`` keys and both beat ``*`` in Postfix, the order policyd
+        decides in (local, then override, then default): the only key that could disagree, an
+        override under a local parent, carries ``:``. Each key whose Unicode spelling differs
+        (an IDNA domain) is written in both forms, because Postfix looks up SMTPUTF8 mail by
+        U-labels; see ``unicode_form`` for the keys left out. Keys are lowercase, as Postfix
+        folds them. Nothing here is secret.
+        """
+        rows: dict[str, str] = {}
+        for domain in self.local_domains.exact:
+            rows[domain] = NO_CHANGE
+        for parent in self.local_domains.parents:
+            rows[f".{parent}"] = NO_CHANGE
+        for domain, _profile in self.outbound.domains:
+            answer = None
+            if not self.local_domains.contains_normalized(domain):
+                answer = self._select_normalized(domain).transport_answer
+            rows[domain] = NO_CHANGE if answer is None else answer
+        default = Selection(self.outbound.default, self.outbound.default.nexthop).transport_answer
+        if default is not None:
+            rows["*"] = default
+        for key, value in list(rows.items()):
+            dot = "." if key.startswith(".") else ""
+            spelled = unicode_form(key[len(dot) :])
+            if spelled is not None:
+                rows.setdefault(f"{dot}{spelled}", value)
+        return tuple(sorted(rows.items()))
 
     def sasl_passwd(self, key: str) -> str | None:
         """The ``sasl_passwd`` map: host or next hop → ``account:password``, None = NOTFOUND."""

@@ -31,6 +31,7 @@ from policyd.metrics import Metrics
 from policyd.protocol import PolicyFactory
 from policyd.request import PolicyRequest
 from policyd.socketmap import SocketmapFactory
+from policyd.transport_table import TableWrite, TableWriteError, write_transport_table
 
 log = logging.getLogger("policyd")
 decision_log = logging.getLogger("policyd.decision")
@@ -50,8 +51,10 @@ class PolicyService:
         metrics: Metrics,
         *,
         log_all_decisions: bool = False,
+        write_tables: bool = True,
     ) -> None:
         self.config_path = config_path
+        self.write_tables = write_tables
         self.config = config
         self.reactor = reactor
         self.metrics = metrics
@@ -144,20 +147,30 @@ class PolicyService:
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Re-read the file and its ``file:`` lists; swap in on success, keep the old on failure.
+        """Re-read the file and its ``file:`` lists, write the tables; swap in on success.
 
-        Synchronous: the reactor waits while the file is parsed. ``reload_in_thread`` is what
-        SIGHUP uses.
+        On any failure the old configuration and the old tables stay. Synchronous: the
+        reactor waits while the file is parsed. ``reload_in_thread`` is what SIGHUP uses.
         """
         try:
-            config = load_config(self.config_path)
+            config, written = self.prepare()
         except Exception as err:
             return self._reload_failed(err)
-        return self._apply(config)
+        return self._apply(config, written)
+
+    def prepare(self) -> tuple[Config, TableWrite | None]:
+        """The reload's work off the reactor: load the file, then write its static tables.
+
+        Nothing here touches the configuration in use. Raises ``ConfigError`` or
+        ``TableWriteError``; the tables are then as they were before.
+        """
+        config = load_config(self.config_path)
+        written = write_tables(config) if self.write_tables else None
+        return config, written
 
     @defer.inlineCallbacks
     def reload_in_thread(self) -> Any:
-        """Like ``reload``, but parse in a worker thread so requests are answered meanwhile.
+        """Like ``reload``, but load and write in a worker thread so requests are answered.
 
         A large configuration (100,000 networks) takes seconds to parse. Reloads never overlap:
         a SIGHUP during a reload triggers one more reload after it, so the last file wins.
@@ -170,13 +183,13 @@ class PolicyService:
             while True:
                 self._reload_again = False
                 try:
-                    config = yield threads.deferToThreadPool(
-                        self.reactor, self.reactor.getThreadPool(), load_config, self.config_path
+                    config, written = yield threads.deferToThreadPool(
+                        self.reactor, self.reactor.getThreadPool(), self.prepare
                     )
                 except Exception as err:
                     self._reload_failed(err)
                 else:
-                    self._apply(config)
+                    self._apply(config, written)
                 if not self._reload_again:
                     break
         finally:
@@ -184,27 +197,52 @@ class PolicyService:
 
     def _reload_failed(self, err: Exception) -> bool:
         self.metrics.config_reloads.labels(result="failure").inc()
-        if isinstance(err, ConfigError):
-            log.error("reload failed, keeping the running configuration: %s", err)
+        if isinstance(err, TableWriteError):
+            self.metrics.transport_table_writes.labels(result="failure").inc()
+        if isinstance(err, ConfigError | TableWriteError):
+            log.error("reload failed, keeping the running configuration and tables: %s", err)
         else:
             log.error(
-                "reload failed, keeping the running configuration",
+                "reload failed, keeping the running configuration and tables",
                 exc_info=(type(err), err, err.__traceback__),
             )
         return False
 
-    def _apply(self, config: Config) -> bool:
-        """Swap in a loaded configuration: one reference assignment."""
+    def _apply(self, config: Config, written: TableWrite | None = None) -> bool:
+        """Swap in a loaded configuration (its tables already written): one assignment."""
         if config.listen != self.config.listen:
             log.warning("reload: changes to listen take effect only at restart")
         for warning in config.warnings:
             log.warning("configuration warning: %s", warning)
+        previous = self.config.transport_table
+        if self.write_tables and previous is not None and config.transport_table is None:
+            log.warning(
+                "reload: outbound.transport_table was removed; %s is no longer updated",
+                previous.table,
+            )
         self.config = config
         self.factory.limits = config.limits
+        self.record_table_write(written)
         self.metrics.config_reloads.labels(result="success").inc()
         self.metrics.config_last_reload.set(time.time())
         log.info("reload succeeded: %s", config.summary().replace("\n", ";"))
         return True
+
+    def record_table_write(self, written: TableWrite | None) -> None:
+        """Count and log a successful table write (at start or reload).
+
+        None means policyd writes no table (none configured, or ``--no-transport-table``):
+        the entries and timestamp gauges go to 0, as their help text says.
+        """
+        metrics = self.metrics
+        if written is None:
+            metrics.transport_table_entries.set(0)
+            metrics.transport_table_last_write.set(0)
+            return
+        metrics.transport_table_writes.labels(result=written.result).inc()
+        metrics.transport_table_entries.set(written.entries)
+        metrics.transport_table_last_write.set(written.timestamp)
+        log.info("%s", written.describe())
 
     # -- listeners -------------------------------------------------------------------------
 
@@ -268,6 +306,19 @@ class MetricsPage(Resource):
         encoder, content_type = choose_encoder(request.getHeader("accept"))
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         return encoder(self.registry)
+
+
+def write_tables(config: Config) -> TableWrite | None:
+    """Write the static tables ``config`` asks for (``outbound.transport_table``), or None.
+
+    Blocking file and process I/O: call it before the reactor runs or in a worker thread.
+    Raises ``TableWriteError``; the table in place is then untouched.
+    """
+    settings = config.transport_table
+    if settings is None:
+        return None
+    rows = config.outbound_tables.transport_table_entries()
+    return write_transport_table(settings, rows, source=config.source)
 
 
 def server_endpoint(reactor: Any, endpoint: Endpoint) -> IStreamServerEndpoint:

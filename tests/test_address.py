@@ -15,6 +15,7 @@ from policyd.address import (
     _resolve_routed,
     normalize_domain,
     resolve_destination,
+    unicode_form,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -664,3 +665,26 @@ def test_routes_through_local_domains_only_are_local(address: str) -> None:
     assert result.local, (address, result)
     assert result.domain is not None
     assert result.domain in SAFETY_LOCAL
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("xn--bcher-kva.example", "bücher.example"),
+        ("mx.xn--bcher-kva.xn--l-0ga.example", "mx.bücher.öl.example"),
+        ("local.example", None),  # nothing to spell differently
+        ("[192.0.2.25]", None),
+        ("xn--zz.example", None),  # an A-label that does not decode
+        ("xn--strae-oqa.example", None),  # straße: its case fold is strasse, another domain
+    ],
+)
+def test_unicode_form(domain: str, expected: str | None) -> None:
+    """The U-label spelling of a normalized domain, or None where no such key is safe."""
+    assert unicode_form(domain) == expected
+
+
+def test_domain_set_exposes_exact_and_parent_entries() -> None:
+    """``exact`` and ``parents`` are the normalized entries (parents without the dot)."""
+    domains = DomainSet(["Local.Example", ".Sub.Example", "[IPv6:2001:DB8::25]", "bücher.example"])
+    assert domains.exact == {"local.example", "[ipv6:2001:db8::25]", "xn--bcher-kva.example"}
+    assert domains.parents == {"sub.example"}

@@ -7,9 +7,12 @@ root); as non-root without that variable they fail too.
 Each test module gets one policyd and one Postfix (module scope), so a module runs in seconds.
 A module sets its own policyd rules by overriding the ``policyd_config`` fixture; the Postfix
 listener addresses come from ``smtp_listeners`` so that the rules can name them. policyd always
-gets a socketmap listener too, since the shipped main.cf points transport_maps and
-smtp_sasl_password_maps at it (test_outbound_e2e.py overrides ``policyd`` and ``postfix`` to add
-a metrics listener and real SMTP delivery).
+gets a socketmap listener (the shipped main.cf points smtp_sasl_password_maps at it) and writes
+its static transport table into the module's directory (the shipped main.cf's transport_maps
+reads it). The order is: the Postfix instance is configured (``postfix_instance``), policyd
+starts and writes its table with that instance's main.cf (``policyd``), then Postfix starts
+(``postfix``). test_outbound_e2e.py overrides ``postfix_instance`` and ``policyd`` to add real
+SMTP delivery and a metrics listener.
 """
 
 from __future__ import annotations
@@ -110,9 +113,48 @@ def policyd_config(smtp_listeners: list[tuple[str, int]]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def policyd(policyd_config: dict[str, Any], e2e_dir: Path) -> Iterator[PolicydProcess]:
+def policyd_ports(e2e_preflight: None) -> tuple[int, int]:
+    """policyd's policy and socketmap ports, chosen before either side is configured."""
+    return free_port("127.0.0.1"), free_port("127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def transport_table(e2e_dir: Path) -> Path:
+    """Where policyd writes, and Postfix reads, the static transport table (instead of the
+    shipped /var/lib/policyd/transport); the directory is readable by Postfix's daemons."""
+    directory = e2e_dir / "tables"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    return directory / "transport"
+
+
+@pytest.fixture(scope="module")
+def postfix_instance(
+    policyd_ports: tuple[int, int],
+    transport_table: Path,
+    smtp_listeners: list[tuple[str, int]],
+    e2e_dir: Path,
+) -> Iterator[PostfixInstance]:
+    """The private Postfix, configured but not started (policyd's postmap reads its main.cf)."""
+    instance = PostfixInstance(
+        policy_port=policyd_ports[0],
+        socketmap_port=policyd_ports[1],
+        transport_table=transport_table,
+        listeners=smtp_listeners,
+        basedir=e2e_dir / "postfix",
+    )
+    instance.configure()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def policyd(
+    policyd_config: dict[str, Any], e2e_dir: Path, postfix_instance: PostfixInstance
+) -> Iterator[PolicydProcess]:
     """The real policyd, running for the whole module; stopped by PID afterwards."""
-    process = PolicydProcess(policyd_config, e2e_dir / "policyd")
+    process = PolicydProcess.for_postfix(policyd_config, e2e_dir / "policyd", postfix_instance)
     try:
         process.start()
         yield process
@@ -122,17 +164,12 @@ def policyd(policyd_config: dict[str, Any], e2e_dir: Path) -> Iterator[PolicydPr
 
 @pytest.fixture(scope="module")
 def postfix(
-    policyd: PolicydProcess, smtp_listeners: list[tuple[str, int]], e2e_dir: Path
+    policyd: PolicydProcess, postfix_instance: PostfixInstance
 ) -> Iterator[PostfixInstance]:
-    """A private Postfix that asks ``policyd`` through postfix-examples/main.cf."""
-    instance = PostfixInstance(
-        policy_port=policyd.port,
-        socketmap_port=policyd.socketmap_port,
-        listeners=smtp_listeners,
-        basedir=e2e_dir / "postfix",
-    )
+    """The private Postfix, started once policyd has written its table; it asks ``policyd``
+    through postfix-examples/main.cf."""
     try:
-        instance.start()
-        yield instance
+        postfix_instance.start()
+        yield postfix_instance
     finally:
-        instance.stop()
+        postfix_instance.stop()

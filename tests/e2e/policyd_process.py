@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .postfix import free_port
+from .postfix import EXAMPLE_TRANSPORT_TABLE_PATH, PostfixInstance, free_port
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
@@ -40,10 +42,17 @@ class PolicydProcess:
     """policyd serving ``config`` on ``inet:127.0.0.1:<port>``, stderr captured to a file.
 
     ``config`` is the YAML document as a dict; ``listen.policy`` is filled in with the port
-    (a free one unless given), ``listen.socketmap`` with another free port (Postfix's
-    transport_maps and smtp_sasl_password_maps point at it; ``socketmap=False`` leaves it out)
-    and, with ``metrics=True``, ``listen.metrics`` with a third. The process is started with
-    ``--verbose`` so every decision is logged, and is only ever signalled by its own PID.
+    (a free one unless given), ``listen.socketmap`` with another port (given, or a free one;
+    Postfix's transport_maps and smtp_sasl_password_maps point at it; ``socketmap=False``
+    leaves it out) and, with ``metrics=True``, ``listen.metrics`` with a third.
+
+    With ``transport_table=PATH``, policyd writes its static transport table there (the
+    shipped main.cf's ``hash:/var/lib/policyd/transport``, moved): ``outbound.transport_table``
+    gets that path and ``postfix_config_dir`` (the private Postfix's, for postmap). A config
+    that already names a table must name the shipped path, which is the only thing replaced.
+
+    The process is started with ``--verbose`` (plus ``extra_args``) so every decision is
+    logged, and is only ever signalled by its own PID.
     """
 
     def __init__(
@@ -54,29 +63,73 @@ class PolicydProcess:
         port: int | None = None,
         host: str = "127.0.0.1",
         socketmap: bool = True,
+        socketmap_port: int | None = None,
         metrics: bool = False,
         env: dict[str, str] | None = None,
+        transport_table: Path | None = None,
+        postfix_config_dir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
-        self.socketmap_port = free_port(host) if socketmap else None
+        self.socketmap_port = (socketmap_port or free_port(host)) if socketmap else None
         self.metrics_port = free_port(host) if metrics else None
+        self.transport_table = transport_table
+        self.postfix_config_dir = postfix_config_dir
+        self.extra_args = list(extra_args)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config = copy.deepcopy(config)
-        listen = self.config.setdefault("listen", {})
-        listen["policy"] = f"inet:{host}:{self.port}"
-        if self.socketmap_port is not None:
-            listen["socketmap"] = f"inet:{host}:{self.socketmap_port}"
-        if self.metrics_port is not None:
-            listen["metrics"] = f"inet:{host}:{self.metrics_port}"
         # Extra environment for policyd (e.g. a password_env secret), on top of ours.
         self.env = {**os.environ, **(env or {})}
         self.config_path = workdir / "policyd.yaml"
         self.log_path = workdir / "policyd.log"
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.config: dict[str, Any] = {}
+        self.rewrite_config(config)
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+
+    @classmethod
+    def for_postfix(
+        cls, config: dict[str, Any], workdir: Path, instance: PostfixInstance, **options: Any
+    ) -> PolicydProcess:
+        """A policyd on ``instance``'s policy and socketmap ports, writing the transport table
+        ``instance`` reads, with postmap using ``instance``'s main.cf."""
+        if instance.socketmap_port is None or instance.transport_table is None:
+            raise PolicydError("the Postfix instance has no socketmap port or transport table")
+        return cls(
+            config,
+            workdir,
+            port=instance.policy_port,
+            socketmap_port=instance.socketmap_port,
+            transport_table=instance.transport_table,
+            postfix_config_dir=instance.config_dir,
+            **options,
+        )
+
+    def rewrite_config(self, config: dict[str, Any]) -> None:
+        """Write ``config`` as policyd's YAML (for the next start or SIGHUP), with this
+        process's listeners and transport table path put in as described above."""
+        config = copy.deepcopy(config)
+        listen = config.setdefault("listen", {})
+        listen["policy"] = f"inet:{self.host}:{self.port}"
+        if self.socketmap_port is not None:
+            listen["socketmap"] = f"inet:{self.host}:{self.socketmap_port}"
+        if self.metrics_port is not None:
+            listen["metrics"] = f"inet:{self.host}:{self.metrics_port}"
+        if self.transport_table is not None:
+            outbound = config.setdefault("outbound", {})
+            table = outbound.setdefault("transport_table", {"path": EXAMPLE_TRANSPORT_TABLE_PATH})
+            if table.get("path") not in (EXAMPLE_TRANSPORT_TABLE_PATH, str(self.transport_table)):
+                raise PolicydError(
+                    f"outbound.transport_table.path is {table.get('path')!r}, not the shipped "
+                    f"{EXAMPLE_TRANSPORT_TABLE_PATH!r}: the harness cannot move it to the test's "
+                    "table without changing what is under test"
+                )
+            table["path"] = str(self.transport_table)
+            if self.postfix_config_dir is not None:
+                table["postfix_config_dir"] = str(self.postfix_config_dir)
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
     @property
     def endpoint(self) -> str:
@@ -103,6 +156,7 @@ class PolicydProcess:
             "--config",
             str(self.config_path),
             "--verbose",
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 20) -> None:
@@ -175,6 +229,14 @@ class PolicydProcess:
             check=False,
         )
 
+    def scrape(self) -> str:
+        """The text of ``/metrics`` (needs ``metrics=True``)."""
+        if self.metrics_port is None:
+            raise PolicydError("this policyd runs without a metrics listener")
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
     def log_text(self) -> str:
         """Everything policyd wrote to stdout/stderr so far (all runs of this object)."""
         try:
@@ -182,11 +244,12 @@ class PolicydProcess:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, *needles: str, timeout: float = 5) -> str:
-        """The first log line containing every needle, waiting (bounded) for it to be flushed."""
+    def wait_for_log(self, *needles: str, timeout: float = 5, after: int = 0) -> str:
+        """The first log line containing every needle, waiting (bounded) for it to be flushed;
+        ``after`` skips that many characters of the log (``len(log_text())`` taken earlier)."""
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.log_text().splitlines():
+            for line in self.log_text()[after:].splitlines():
                 if all(needle in line for needle in needles):
                     return line
             if time.monotonic() >= deadline:

@@ -23,7 +23,9 @@ How the instance is set up (see reference/postfix-sandbox-pitfalls.md for the wh
   tests would notice;
 * ``postfix-examples/main.cf`` is appended **unchanged** except for the endpoints' ports
   (``inet:127.0.0.1:10040`` becomes ``inet:127.0.0.1:<policy_port>``, the socketmap's
-  ``inet:127.0.0.1:10041`` becomes ``inet:127.0.0.1:<socketmap_port>``), and
+  ``inet:127.0.0.1:10041`` becomes ``inet:127.0.0.1:<socketmap_port>``) and the path of the
+  static transport table policyd writes (``hash:/var/lib/policyd/transport`` becomes
+  ``hash:<transport_table>``), and
   ``postfix-examples/master.cf`` is appended to master.cf **unchanged**, so the relay placement
   and the outbound transports under test are exactly the ones shipped to administrators;
 * optional Cyrus SASL (``smtpd_sasl_auth_enable = yes``) with a sasldb under the instance
@@ -57,6 +59,10 @@ EXAMPLE_MASTER_CF = REPO_ROOT / "postfix-examples" / "master.cf"
 # The endpoints written in postfix-examples/main.cf; the harness swaps in its own ports.
 EXAMPLE_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
 EXAMPLE_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
+# The static transport table policyd writes (outbound.transport_table in policyd.yaml) and
+# postfix-examples/main.cf reads; the harness moves it into the test's directory.
+EXAMPLE_TRANSPORT_TABLE_PATH = "/var/lib/policyd/transport"
+EXAMPLE_TRANSPORT_TABLE = f"hash:{EXAMPLE_TRANSPORT_TABLE_PATH}"
 
 POSTFIX_COMMANDS = ("postfix", "postconf", "postmap", "postqueue", "saslpasswd2")
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -133,8 +139,13 @@ class PostfixInstance:
 
     ``listeners`` are (address, port) pairs, one ``smtpd`` service each; the default is
     127.0.0.1 and 127.0.0.2, each on a free port. ``socketmap_port`` is policyd's socketmap
-    listener (required when the shipped main.cf names one). ``deliver=True`` makes
-    ``default_transport``/``relay_transport`` real ``smtp`` instead of ``discard:``.
+    listener (required when the shipped main.cf names one). ``transport_table`` is where the
+    test's policyd writes its static transport table (required: the shipped main.cf reads
+    one). ``deliver=True`` makes ``default_transport``/``relay_transport`` real ``smtp``
+    instead of ``discard:``.
+
+    ``configure()`` may run before policyd starts (policyd's postmap reads this instance's
+    main.cf); ``start()`` then needs the table in place.
     """
 
     def __init__(
@@ -142,6 +153,7 @@ class PostfixInstance:
         policy_port: int,
         *,
         socketmap_port: int | None = None,
+        transport_table: Path | None = None,
         listeners: Sequence[tuple[str, int]] | None = None,
         local_domain: str = "local.example",
         sasl: bool = True,
@@ -152,6 +164,7 @@ class PostfixInstance:
     ) -> None:
         self.policy_port = policy_port
         self.socketmap_port = socketmap_port
+        self.transport_table = transport_table
         self.deliver = deliver
         self.example_master_cf = example_master_cf
         self.listeners: list[tuple[str, int]] = (
@@ -204,7 +217,8 @@ class PostfixInstance:
         return self.listeners[0]
 
     def shipped_relay_settings(self) -> str:
-        """``postfix-examples/main.cf`` with only the policy and socketmap ports replaced."""
+        """``postfix-examples/main.cf`` with only the policy and socketmap ports and the
+        transport table's path replaced."""
         text = self.example_main_cf.read_text()
         if EXAMPLE_POLICY_ENDPOINT not in text:
             raise PostfixError(
@@ -220,7 +234,18 @@ class PostfixInstance:
                     f"{EXAMPLE_SOCKETMAP_ENDPOINT!r}: give PostfixInstance a socketmap_port"
                 )
             text = text.replace(EXAMPLE_SOCKETMAP_ENDPOINT, f"inet:127.0.0.1:{self.socketmap_port}")
-        return text
+        if f"transport_maps = {EXAMPLE_TRANSPORT_TABLE}\n" not in text:
+            raise PostfixError(
+                f"{self.example_main_cf} no longer sets transport_maps = "
+                f"{EXAMPLE_TRANSPORT_TABLE}; the e2e harness cannot point it at the test's "
+                "table without rewriting the setup under test"
+            )
+        if self.transport_table is None:
+            raise PostfixError(
+                f"{self.example_main_cf} reads policyd's static table {EXAMPLE_TRANSPORT_TABLE}: "
+                "give PostfixInstance a transport_table (where the test's policyd writes it)"
+            )
+        return text.replace(EXAMPLE_TRANSPORT_TABLE, f"hash:{self.transport_table}")
 
     def shipped_master_cf(self) -> str:
         """``postfix-examples/master.cf``, unchanged."""
@@ -298,7 +323,9 @@ class PostfixInstance:
             "",
             f"# ---- {_shown(self.example_main_cf)} as shipped "
             f"(policy port {self.policy_port} instead of 10040, "
-            f"socketmap port {self.socketmap_port} instead of 10041) ----",
+            f"socketmap port {self.socketmap_port} instead of 10041, "
+            f"transport table {self.transport_table} instead of "
+            f"{EXAMPLE_TRANSPORT_TABLE_PATH}) ----",
             self.shipped_relay_settings(),
         ]
         return "\n".join(lines) + "\n"
@@ -496,6 +523,26 @@ class PostfixInstance:
         except (OSError, ValueError, IndexError):
             return None
         return pid if pid_alive(pid) else None
+
+    def service_pids(self, command: str) -> list[int]:
+        """PIDs of this instance's running ``command`` daemons (e.g. ``trivial-rewrite``):
+        the master's children whose process name is ``command``."""
+        master = self.master_pid()
+        if master is None:
+            return []
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            parent = int(stat.rpartition(")")[2].split()[1])
+            if parent == master and Path(argv0).name == command:
+                pids.append(int(entry.name))
+        return sorted(pids)
 
     def check(self) -> None:
         """``postfix check``; raise with its output if it fails."""

@@ -2,9 +2,11 @@
 
 SMTP client (127.0.0.10, an allowed client network) -> private Postfix -> remote aiosmtpd
 servers on other loopback addresses. Postfix runs postfix-examples/main.cf and master.cf as
-shipped (only the policy and socketmap ports differ), with real ``smtp`` delivery; for every
-recipient it asks policyd's ``transport`` socketmap which ``policyd-*`` transport and next hop to
-use, and the smtp client asks policyd's ``sasl_passwd`` socketmap for the account to log in with.
+shipped (only the policy and socketmap ports and the transport table's path differ), with real
+``smtp`` delivery; for every recipient it looks up the static transport table policyd wrote
+(``hash:``, built by postmap with this instance's main.cf) for the ``policyd-*`` transport and
+next hop to use, and the smtp client asks policyd's ``sasl_passwd`` socketmap for the account
+to log in with. The last test reloads policyd with changed profiles and follows mail the new way.
 
 The remote servers (tests/e2e/smtp_servers.py), each announcing ``AUTH NTLM PLAIN LOGIN``:
 
@@ -27,6 +29,7 @@ Passwords are generated at run time; none is committed.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import signal
@@ -175,6 +178,14 @@ def policyd_config(
                     "password_file": str(secret_files["legacy"]),
                     "nexthop": servers["notls"].nexthop,
                 },
+                # An IDNA domain, written here in U-labels; Postfix looks SMTPUTF8 mail up
+                # by its U-labels, other mail by the A-labels (xn--bcher-kva.example).
+                "bücher.example": {
+                    "auth": "cleartext",
+                    "username": PARTNER_ACCOUNT,
+                    "password_file": str(secret_files["partner"]),
+                    "nexthop": servers["partner"].nexthop,
+                },
                 # No next hop: delivered to the domain itself (not reachable here: no DNS);
                 # only its table answers are checked.
                 "direct.example": {
@@ -188,11 +199,39 @@ def policyd_config(
 
 
 @pytest.fixture(scope="module")
-def policyd(policyd_config: dict[str, Any], e2e_dir: Path) -> Iterator[PolicydProcess]:
-    """policyd with policy, socketmap and metrics listeners; stopped by PID afterwards."""
-    process = PolicydProcess(
+def postfix_instance(
+    policyd_ports: tuple[int, int],
+    transport_table: Path,
+    smtp_listeners: list[tuple[str, int]],
+    e2e_dir: Path,
+) -> Iterator[PostfixInstance]:
+    """A private Postfix delivering over SMTP, wired to policyd by the shipped snippets
+    (configured here, started by conftest's ``postfix`` once policyd wrote its table)."""
+    instance = PostfixInstance(
+        policy_port=policyd_ports[0],
+        socketmap_port=policyd_ports[1],
+        transport_table=transport_table,
+        listeners=smtp_listeners,
+        deliver=True,
+        basedir=e2e_dir / "postfix",
+    )
+    instance.configure()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def policyd(
+    policyd_config: dict[str, Any], e2e_dir: Path, postfix_instance: PostfixInstance
+) -> Iterator[PolicydProcess]:
+    """policyd with policy, socketmap and metrics listeners, writing the transport table for
+    ``postfix_instance``; stopped by PID afterwards."""
+    process = PolicydProcess.for_postfix(
         policyd_config,
         e2e_dir / "policyd",
+        postfix_instance,
         metrics=True,
         env={DIRECT_ENV: DIRECT_PASSWORD},
     )
@@ -201,25 +240,6 @@ def policyd(policyd_config: dict[str, Any], e2e_dir: Path) -> Iterator[PolicydPr
         yield process
     finally:
         process.stop()
-
-
-@pytest.fixture(scope="module")
-def postfix(
-    policyd: PolicydProcess, smtp_listeners: list[tuple[str, int]], e2e_dir: Path
-) -> Iterator[PostfixInstance]:
-    """A private Postfix delivering over SMTP, wired to policyd by the shipped snippets."""
-    instance = PostfixInstance(
-        policy_port=policyd.port,
-        socketmap_port=policyd.socketmap_port,
-        listeners=smtp_listeners,
-        deliver=True,
-        basedir=e2e_dir / "postfix",
-    )
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -281,7 +301,8 @@ def test_instance_runs_the_shipped_outbound_wiring(
     postfix: PostfixInstance, policyd: PolicydProcess
 ) -> None:
     """``postfix check`` accepts the shipped snippets; Postfix's effective settings are
-    postfix-examples/main.cf's (only the socketmap port differs) and the four policyd-*
+    postfix-examples/main.cf's (transport_maps is the static table policyd wrote, at the
+    test's path; only the socketmap port differs) and the four policyd-*
     transports of postfix-examples/master.cf exist, with their mechanism filter, SASL security
     options and TLS level."""
     postfix.check()
@@ -293,7 +314,7 @@ def test_instance_runs_the_shipped_outbound_wiring(
         "smtp_sender_dependent_authentication",
     )
     assert values == {
-        "transport_maps": table(policyd, "transport"),
+        "transport_maps": f"hash:{policyd.transport_table}",
         "smtp_sasl_password_maps": table(policyd, "sasl_passwd"),
         "smtp_sasl_auth_enable": "no",
         "smtp_sasl_auth_soft_bounce": "yes",
@@ -433,6 +454,49 @@ def test_domain_without_override_follows_the_site_default(
     assert "postfix/policyd-none/smtp" in line, line
 
 
+def test_local_mail_keeps_postfix_routing_despite_the_star_row(
+    postfix: PostfixInstance, policyd: PolicydProcess, servers: dict[str, RemoteServer]
+) -> None:
+    """The default profile names a next hop, so the static table has a ``*`` row; the local
+    domain's row ``:`` (transport(5): no change) keeps Postfix's own routing for it: the mail
+    is delivered by local_transport (here discard:), not sent to the default smart host."""
+    static = f"hash:{policyd.transport_table}"
+    assert postfix.postmap_query("*", static).stdout.strip().startswith("policyd-none:")
+    assert postfix.postmap_query("local.example", static).stdout.strip() == ":"
+    recipient = "someone@local.example"
+    submit(postfix, recipient)
+    line = postfix.wait_for_maillog(f"to=<{recipient}>", "status=sent", timeout=DELIVERY_TIMEOUT)
+    assert "postfix/discard[" in line and "relay=none" in line, line
+    assert servers["default"].messages_to(recipient) == []
+
+
+@pytest.mark.parametrize(
+    "recipient", ["someone@bücher.example", "someone@xn--bcher-kva.example"], ids=["U", "A"]
+)
+def test_idna_domain_is_routed_in_both_spellings(
+    postfix: PostfixInstance, servers: dict[str, RemoteServer], recipient: str
+) -> None:
+    """An override for an IDNA domain: mail sent with SMTPUTF8 to its U-label spelling (which
+    trivial-rewrite looks up as such in the static table) and mail to its A-label spelling
+    both leave through policyd-cleartext for the override's next hop. Only the route is
+    checked: the test server offers no SMTPUTF8, so Postfix may refuse to hand it the U-label
+    message ("SMTPUTF8 is required, but was not offered"). Without the U-label row, that mail
+    went through the ``*`` row to the default smart host instead (seen when it was left out)."""
+    host, port = postfix.smtp_address
+    with smtplib.SMTP(host, port, source_address=(CLIENT, 0), timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.has_extn("smtputf8")
+        client.command_encoding = "utf-8"  # smtplib's own choice for SMTPUTF8 transactions
+        assert client.mail(SENDER, ["SMTPUTF8"])[0] == 250
+        code, text = client.rcpt(recipient)
+        assert code == 250, (recipient, code, text)
+        message = f"From: <{SENDER}>\r\nSubject: idna\r\n\r\nhello\r\n".encode()
+        assert client.data(message)[0] == 250
+    line = postfix.wait_for_maillog(f"to=<{recipient}>", "relay=", timeout=DELIVERY_TIMEOUT)
+    assert "postfix/policyd-cleartext/smtp" in line, line
+    assert f"relay=127.0.0.31[127.0.0.31]:{servers['partner'].port}" in line, line
+
+
 def test_wrong_password_defers_never_bounces_or_sends_unauthenticated(
     postfix: PostfixInstance, servers: dict[str, RemoteServer]
 ) -> None:
@@ -521,8 +585,8 @@ def test_queued_mail_waits_while_policyd_is_down(
         postfix.wait_for_maillog(
             f"to=<{recipient}>", "status=deferred", timeout=DELIVERY_TIMEOUT, after=len(before)
         )
-        # Postfix says why: its socketmap lookup failed (here the sasl_passwd lookup: the
-        # transport answer was still cached from the first attempt).
+        # Postfix says why: its socketmap lookup failed (the sasl_passwd lookup: the transport
+        # comes from the static table, which needs no policyd).
         postfix.wait_for_maillog(
             f"socketmap:{policyd.socketmap_endpoint}:", "lookup error", after=len(before)
         )
@@ -547,7 +611,9 @@ def test_postmap_reads_policyd_tables(
 ) -> None:
     """``postmap -q`` against policyd's socketmap tables, as an administrator would check them:
     found keys print the answer and exit 0, unknown keys exit 1; keys are case-insensitive; the
-    host shared by two profiles with different passwords is not answered."""
+    host shared by two profiles with different passwords is not answered. The socketmap
+    ``transport`` map keeps working for those who use it, and the static table gives the same
+    answers for the same domains."""
     sasl = table(policyd, "sasl_passwd")
     transport = table(policyd, "transport")
     partner, partner2, corp = servers["partner"], servers["partner2"], servers["corp"]
@@ -578,6 +644,21 @@ def test_postmap_reads_policyd_tables(
         ("local.example", transport),
         ("*", transport),
     ]
+    # The static table Postfix actually uses has the same answers under the domain keys
+    # (postmap -q asks for the exact key: no parent domains, no '*' fallback).
+    static = f"hash:{policyd.transport_table}"
+    found.update(
+        {
+            ("partner.example", static): f"policyd-cleartext:{partner.nexthop}",
+            ("PARTNER.Example", static): f"policyd-cleartext:{partner.nexthop}",
+            ("corp.example", static): f"policyd-ntlm:{corp.nexthop}",
+            ("direct.example", static): "policyd-cleartext:direct.example",
+            ("legacy.example", static): f"policyd-cleartext-notls:{servers['legacy'].nexthop}",
+            ("*", static): f"policyd-none:{servers['default'].nexthop}",
+            ("local.example", static): ":",
+        }
+    )
+    not_found.append(("elsewhere.example", static))
     for (key, name), expected in found.items():
         result = postfix.postmap_query(key, name)
         assert (result.returncode, result.stdout.strip()) == (0, expected), (key, name, result)
@@ -606,7 +687,8 @@ def test_nothing_policyd_writes_contains_a_password(
     e2e_dir: Path,
 ) -> None:
     """After serving passwords (a delivery that logs in, postmap lookups, a reload), no test
-    password appears in policyd's log, its /metrics, ``explain`` or ``check-config`` output,
+    password appears in policyd's log, its /metrics, the transport table it wrote (source
+    and .db), ``explain`` or ``check-config`` output,
     or the error ``check-config`` prints for a configuration that gives one next hop two
     different accounts."""
     # Make sure the secret-serving paths ran, whichever tests ran before.
@@ -620,6 +702,9 @@ def test_nothing_policyd_writes_contains_a_password(
     policyd.wait_for_log("reload")
 
     outputs: dict[str, str] = {"policyd log": policyd.log_text()}
+    assert policyd.transport_table is not None
+    for path in (policyd.transport_table, policyd.transport_table.with_suffix(".db")):
+        outputs[f"transport table {path.name}"] = path.read_bytes().decode(errors="replace")
     assert policyd.metrics_port is not None
     with urllib.request.urlopen(
         f"http://127.0.0.1:{policyd.metrics_port}/metrics", timeout=10
@@ -658,3 +743,72 @@ def test_nothing_policyd_writes_contains_a_password(
     # The environment secret never left the environment either.
     assert DIRECT_PASSWORD not in policyd.config_path.read_text()
     assert os.environ.get(DIRECT_ENV) is None
+
+
+def test_after_a_reload_mail_goes_the_new_way(
+    postfix: PostfixInstance, policyd: PolicydProcess, servers: dict[str, RemoteServer]
+) -> None:
+    """A reload that moves moved.example from the default (policyd-none to the default smart
+    host, no AUTH) to a cleartext profile (the partner server, AUTH over STARTTLS): policyd
+    rewrites the static table during the reload, every running trivial-rewrite logs "table
+    hash:... has changed -- restarting", and the next mail to moved.example is delivered to
+    the partner server with the partner account. The earlier mail went the old way. (Waits
+    are bounded polls; nothing here measures how long the pickup takes.)"""
+    original = copy.deepcopy(policyd.config)
+    submit(postfix, "before@moved.example")
+    message = servers["default"].wait_for_message(
+        "before@moved.example", DELIVERY_TIMEOUT, poke=postfix.flush_queue
+    )
+    assert message.auth is None
+    table_name = f"hash:{policyd.transport_table}"
+    rewriters = postfix.service_pids("trivial-rewrite")
+    assert rewriters, "no trivial-rewrite is running (it just resolved a recipient)"
+    log_mark, maillog_mark = len(policyd.log_text()), len(postfix.maillog())
+
+    changed = copy.deepcopy(original)
+    changed["outbound"]["domains"]["moved.example"] = {
+        **original["outbound"]["domains"]["partner.example"]
+    }
+    policyd.rewrite_config(changed)
+    assert policyd.process is not None
+    try:
+        policyd.process.send_signal(signal.SIGHUP)
+        policyd.wait_for_log("reload succeeded", timeout=DELIVERY_TIMEOUT, after=log_mark)
+        written = policyd.wait_for_log("transport table", "written", after=log_mark)
+        assert table_name in written, written
+        assert f"moved.example policyd-cleartext:{servers['partner'].nexthop}\n" in (
+            policyd.transport_table.read_text()  # type: ignore[union-attr]
+        )
+        for pid in rewriters:
+            # Postfix 3.7 logs the table with its flags: "table hash:PATH(0,lock|...) has
+            # changed -- restarting".
+            postfix.wait_for_maillog(
+                f"trivial-rewrite[{pid}]: table {table_name}(",
+                "has changed -- restarting",
+                timeout=60,
+                after=maillog_mark,
+            )
+        recipient = "after@moved.example"
+        submit(postfix, recipient)
+        message = servers["partner"].wait_for_message(
+            recipient, DELIVERY_TIMEOUT, poke=postfix.flush_queue
+        )
+        assert message.tls and message.auth is not None and message.auth.success, message
+        assert message.auth.mechanism in ("PLAIN", "LOGIN"), message.auth
+        assert message.auth.login == PARTNER_ACCOUNT
+        line = delivered_line(postfix, recipient)
+        assert "postfix/policyd-cleartext/smtp" in line, line
+        assert servers["default"].messages_to(recipient) == []
+        rows = [
+            line
+            for line in policyd.transport_table.read_text().splitlines()  # type: ignore[union-attr]
+            if line and not line.startswith("#")
+        ]
+        metrics = policyd.scrape()
+        assert f"policyd_transport_table_entries {len(rows)}.0" in metrics, metrics
+        assert 'policyd_transport_table_writes_total{result="failure"} 0.0' in metrics
+    finally:
+        policyd.rewrite_config(original)
+        mark = len(policyd.log_text())
+        policyd.process.send_signal(signal.SIGHUP)
+        policyd.wait_for_log("reload succeeded", timeout=DELIVERY_TIMEOUT, after=mark)

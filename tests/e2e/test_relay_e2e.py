@@ -10,9 +10,9 @@ that policyd sees them as different hosts:
 
 Postfix listens on 127.0.0.1:P1 and 127.0.0.2:P2; only ``127.0.0.2`` is in
 ``relay.allow.server_addresses`` (the "inside interface"). policyd runs
-postfix-examples/policyd.yaml as shipped, with only its listeners replaced. Note that
-``mynetworks`` covers all of 127.0.0.0/8 in the test instance: any relay permission must come
-from policyd.
+postfix-examples/policyd.yaml as shipped, with only its listeners and its transport table's
+path replaced. Note that ``mynetworks`` covers all of 127.0.0.0/8 in the test instance: any
+relay permission must come from policyd.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from .policyd_process import PolicydProcess
-from .postfix import EXAMPLE_POLICY_ENDPOINT, PostfixInstance
+from .postfix import EXAMPLE_POLICY_ENDPOINT, EXAMPLE_TRANSPORT_TABLE_PATH, PostfixInstance
 
 pytestmark = pytest.mark.e2e
 
@@ -45,8 +45,9 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "postfix-examples" / "pol
 
 @pytest.fixture(scope="module")
 def policyd_config(smtp_listeners: list[tuple[str, int]]) -> dict[str, Any]:
-    """postfix-examples/policyd.yaml as shipped: only ``listen`` is the test's own, and its
-    relative ``file:`` lists are made absolute because the copy is written elsewhere."""
+    """postfix-examples/policyd.yaml as shipped: only ``listen`` is the test's own (and the
+    transport table's path, which PolicydProcess moves), and its relative ``file:`` lists are
+    made absolute because the copy is written elsewhere."""
     config: dict[str, Any] = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     config["listen"] = {}  # PolicydProcess fills in listen.policy; no metrics listener
     config["local_domains"] = [
@@ -62,6 +63,8 @@ def policyd_config(smtp_listeners: list[tuple[str, int]]) -> dict[str, Any]:
     assert any(ALLOWED_NET in entry for entry in config["relay"]["allow"]["client_networks"])
     assert config["relay"]["allow"]["server_addresses"] == [inside_address]
     assert config["relay"]["never"]["client_networks"] == [NEVER_NET]
+    # The table the shipped main.cf reads; PolicydProcess moves only its path.
+    assert config["outbound"]["transport_table"] == {"path": EXAMPLE_TRANSPORT_TABLE_PATH}
     return config
 
 
