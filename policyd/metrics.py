@@ -103,20 +103,18 @@ class _RequestCountsCollector:
 
     def collect(self) -> Iterator[Metric]:
         counts = self.counts
-        requests = CounterMetricFamily(
+        yield _counter(
             "policyd_requests",
             "Policy requests answered, of every protocol_state (skipped ones included).",
+            [],
+            [([], counts.requests)],
         )
-        requests.add_metric([], counts.requests)
-        yield requests
-        decisions = CounterMetricFamily(
+        yield _counter(
             "policyd_decisions",
             "Policy decisions by verdict and by the configuration rule (key path) that decided.",
-            labels=["verdict", "rule"],
+            ["verdict", "rule"],
+            [([v.value, r.value], n) for (v, r), n in counts.decisions.copy().items()],
         )
-        for (verdict, rule), value in counts.decisions.copy().items():
-            decisions.add_metric([verdict.value, rule.value], value)
-        yield decisions
         cumulative = 0
         buckets = []
         for bound, value in zip(_BUCKET_LABELS, list(counts.duration_buckets), strict=True):
@@ -128,22 +126,28 @@ class _RequestCountsCollector:
             buckets=buckets,
             sum_value=counts.duration_sum,
         )
-        outbound = CounterMetricFamily(
+        yield _counter(
             "policyd_relay_outbound",
             "Allowed relay decisions by the outbound authentication their recipient domain uses.",
-            labels=["auth"],
+            ["auth"],
+            [([auth], n) for auth, n in counts.outbound.copy().items()],
         )
-        for auth, value in counts.outbound.copy().items():
-            outbound.add_metric([auth], value)
-        yield outbound
-        lookups = CounterMetricFamily(
+        yield _counter(
             "policyd_socketmap_lookups",
             "Socketmap lookups by map and result (found, notfound, perm, temp).",
-            labels=["map", "result"],
+            ["map", "result"],
+            [(list(key), n) for key, n in counts.lookups.copy().items()],
         )
-        for (map_name, result), value in counts.lookups.copy().items():
-            lookups.add_metric([map_name, result], value)
-        yield lookups
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], samples: list[tuple[list[str], int]]
+) -> CounterMetricFamily:
+    """A counter family (``name`` without ``_total``) holding ``samples``."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for label_values, value in samples:
+        family.add_metric(label_values, value)
+    return family
 
 
 class Metrics:
