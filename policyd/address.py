@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import idna
 
@@ -41,8 +41,9 @@ _IPV6_TAG = "ipv6:"
 _MAX_HOPS = 10
 # RFC 5321 caps a path at 256 octets; anything far longer is garbage, not mail to resolve.
 _MAX_ADDRESS_LENGTH = 4096
-# Domains whose destination a DomainSet remembers (a few hundred KiB at most).
-_MAX_MEMO_DOMAINS = 4096
+# Domains per generation of a DomainSet's destination memo (two generations: at most 16,384
+# domains, about 4 MiB even for domains of 64 characters).
+_MAX_MEMO_DOMAINS = 8192
 # Characters that route or quote: an address without them (and with one "@") is plain.
 _ROUTING_OR_QUOTING = re.compile(r'[%!"\\<>]')
 
@@ -174,7 +175,7 @@ class DomainSet:
     entries given.
     """
 
-    __slots__ = ("_count", "_destinations", "_exact", "_parents")
+    __slots__ = ("_count", "_destinations", "_exact", "_older_destinations", "_parents")
 
     def __init__(self, entries: Iterable[str]) -> None:
         """Compile ``entries``; raises DomainError naming the first bad entry."""
@@ -193,8 +194,10 @@ class DomainSet:
         self._count = count
         self._exact = frozenset(exact)
         self._parents = frozenset(parents)
-        # Destinations of plain ``local@domain`` recipients, by the raw domain (bounded).
+        # Destinations of plain ``local@domain`` recipients, by the raw domain: the domains
+        # seen since the memo last filled up, and those seen in the generation before.
         self._destinations: dict[str, Destination] = {}
+        self._older_destinations: dict[str, Destination] = {}
 
     def contains_normalized(self, domain: str) -> bool:
         """Membership of a domain already in normalize_domain's form."""
@@ -227,17 +230,46 @@ class DomainSet:
     def destination_of_domain(self, raw: str) -> Destination:
         """Where a recipient ``local@raw`` goes whose local part routes nowhere else.
 
-        The answer depends only on ``raw``: memoized, up to a bounded number of domains (the
-        memo starts afresh when full, so a flood of unique domains cannot grow it).
+        The answer depends only on ``raw``: memoized in two generations of at most
+        _MAX_MEMO_DOMAINS domains each. When the current one is full it becomes the older
+        one and the oldest is dropped; a domain found in the older one moves to the current
+        one. So the domains in steady use stay (there is no cliff at the bound), and a flood
+        of unique domains cannot grow the memo.
         """
         known = self._destinations.get(raw)
         if known is None:
+            known = self._older_destinations.get(raw)
+            if known is None:
+                known = self.check_domain(raw, "address")
             if len(self._destinations) >= _MAX_MEMO_DOMAINS:
-                self._destinations.clear()
-            checked = _Router(self)._check_hop(raw, "address")
-            known = checked if isinstance(checked, Destination) else _local(checked)
+                self._older_destinations = self._destinations
+                self._destinations = {}
             self._destinations[raw] = known
         return known
+
+    def check_domain(self, raw: str, route: str) -> Destination:
+        """Where the raw domain ``raw`` leads, reached by ``route``.
+
+        ``route`` names the kind of routing that led to the domain, for the reason text:
+        ``address`` for the domain of the address as given, else a route such as
+        ``percent-hack route``. A local domain gives a local Destination whose ``domain`` is
+        the normalized domain.
+        """
+        where = "" if route == "address" else f" in {route}"
+        if not raw:
+            return _unresolved(f"empty domain{where}")
+        try:
+            domain = normalize_domain(raw)
+        except DomainError:
+            return _unresolved(f"invalid domain{where}")
+        if self.contains_normalized(domain):
+            return _local(domain)
+        if route == "address":
+            if domain.startswith("["):
+                return Destination(False, domain, "address literal not listed")
+            return Destination(False, domain, "remote domain")
+        preposition = "via" if route == "source route" else "to"
+        return Destination(False, domain, f"{route} {preposition} {domain}")
 
     @property
     def exact(self) -> frozenset[str]:
@@ -261,9 +293,8 @@ class DomainSet:
         return f"<DomainSet {self._count} entries>"
 
 
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """Where a recipient address leads.
+class Destination(NamedTuple):
+    """Where a recipient address leads (a named tuple: cheap to build, immutable).
 
     ``local`` is True when mail to the recipient is not relaying. ``domain`` is the hop that
     decided, in normalize_domain's form: the first non-local hop of a relay attempt, the
@@ -360,37 +391,14 @@ class _Router:
         self._local_domains = local_domains
         self._memo: dict[tuple[str, int, str | None], Destination] = {}
 
-    def _check_hop(self, raw: str, route: str) -> str | Destination:
-        """The normalized hop ``raw`` if it is local, else the relay-attempt Destination.
-
-        ``route`` names the kind of routing that led to the hop, for the reason text:
-        ``address`` for the domain of the address as given, else a route such as
-        ``percent-hack route``.
-        """
-        where = "" if route == "address" else f" in {route}"
-        if not raw:
-            return _unresolved(f"empty domain{where}")
-        try:
-            domain = normalize_domain(raw)
-        except DomainError:
-            return _unresolved(f"invalid domain{where}")
-        if self._local_domains.contains_normalized(domain):
-            return domain
-        if route == "address":
-            if domain.startswith("["):
-                return Destination(False, domain, "address literal not listed")
-            return Destination(False, domain, "remote domain")
-        preposition = "via" if route == "source route" else "to"
-        return Destination(False, domain, f"{route} {preposition} {domain}")
-
     def _hop(self, raw: str, hops: int, route: str, rest: str) -> Destination:
         """Route through the hop ``raw``; if it is local, resolve ``rest`` there."""
-        checked = self._check_hop(raw, route)
-        if isinstance(checked, Destination):
+        checked = self._local_domains.check_domain(raw, route)
+        if not checked.local:
             return checked
         if not rest:
             return _unresolved("empty local part")
-        return self.resolve(rest, hops + 1, checked)
+        return self.resolve(rest, hops + 1, checked.domain)
 
     def resolve(self, address: str, hops: int, via: str | None) -> Destination:
         """Destination of the dequoted ``address``, reached after ``hops`` local hops.
@@ -453,10 +461,10 @@ class _Router:
         for raw in route_hops:
             if hops >= _MAX_HOPS:
                 return _unresolved("too many routing hops")
-            checked = self._check_hop(raw, "source route")
-            if isinstance(checked, Destination):
+            checked = self._local_domains.check_domain(raw, "source route")
+            if not checked.local:
                 return checked
-            via = checked
+            via = checked.domain
             hops += 1
         return self.resolve(rest, hops, via)
 

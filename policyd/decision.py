@@ -7,8 +7,8 @@ finally the default denial. Each ``Decision`` carries the rule that made it, as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from policyd.address import resolve_destination
 from policyd.config import Config
@@ -40,9 +40,8 @@ class Rule(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer for one request.
+class Decision(NamedTuple):
+    """The answer for one request (a named tuple: one is built for every request).
 
     ``action`` is what goes to Postfix after ``action=``; ``destination`` is the hop that made
     the recipient local or a relay attempt (``None`` when there is none or it is unknown);
