@@ -224,6 +224,10 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
         )
 
     from prometheus_client import CollectorRegistry
+
+    from policyd.reactor import install as install_reactor
+
+    reactor_name = install_reactor()
     from twisted.internet import reactor as _reactor
     from twisted.internet.error import ReactorNotRunning
 
@@ -232,6 +236,7 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
 
     reactor: Any = _reactor
     handler.flush_each_turn(reactor.callLater)
+    log.debug("reactor: %s (%s)", reactor_name, type(reactor).__name__)
 
     for warning in config.warnings:
         log.warning("configuration warning: %s", warning)

@@ -114,6 +114,20 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         """
         if self._failed:
             return
+        if (
+            not self._buffer
+            and len(data) > 2
+            and data.find(b"\n\n") == len(data) - 2
+            and b"\r" not in data
+            and data[0] != 0x0A
+        ):
+            # The common case (Postfix waits for each reply): exactly one whole request,
+            # nothing held from before. The general framing below would answer it the same.
+            if self._answer(data[:-2]) and not self._connection.disconnecting:
+                self.setTimeout(  # type: ignore[no-untyped-call]
+                    self.factory.limits.idle_timeout_seconds
+                )
+            return
         answered = self._answered
         was_idle = self.idle
         buffer = self._buffer
@@ -129,9 +143,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             if start < 0:
                 self._newlines += buffer.count(b"\n", before)
                 last = buffer.rfind(b"\n", before)
+                problem = None
                 if last >= 0:
+                    # Lines completed by this data are held too: none may be too long.
+                    if _longest_line(buffer, self._line_start, last) > limits.max_line_bytes:
+                        problem = "line_too_long"
                     self._line_start = last + 1
-                problem = self._check_partial(len(buffer), limits)
+                problem = problem or self._check_partial(len(buffer), limits)
                 if problem:
                     self._fail(problem)
                     return
@@ -213,6 +231,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self.factory.report_error(reason, describe_peer(self.transport))
         if close:
             self._connection.loseConnection()
+
+
+def _longest_line(buffer: bytearray, start: int, end: int) -> int:
+    """Length of the longest of the lines in ``buffer[start:end]`` (newlines not counted)."""
+    if end - start <= 0:
+        return 0
+    return max(map(len, buffer[start:end].split(b"\n")))
 
 
 # The empty line that ends a request, when the request has carriage returns (manual tests).

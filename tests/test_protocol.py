@@ -379,3 +379,45 @@ def test_crlf_requests_in_any_chunking(cuts: list[int]) -> None:
     assert harness.errors == []
     assert transport.value() == b"action=DUNNO 1\n\naction=DUNNO 2\n\naction=DUNNO 3\n\n"
     assert all(r["recipient"] == "user@remote.example" for r in harness.requests)
+
+
+def _outcome(
+    data: bytes, chunk: int, limits: Limits
+) -> tuple[bytes, list[str], list[dict[str, str]], bool]:
+    harness = Harness(limits)
+    protocol, transport = harness.connect()
+    for start in range(0, len(data), chunk):
+        protocol.dataReceived(data[start : start + chunk])
+    return transport.value(), harness.errors, harness.requests, transport.disconnecting
+
+
+_FRAGMENTS = st.sampled_from(
+    [
+        b"request=smtpd_access_policy\n",
+        b"recipient=u@x\n",
+        b"=v\n",
+        b"name\n",
+        b"\n",
+        b"\r\n",
+        b"a=b",
+        b"\0",
+        b"\xff",
+        b"x" * 40,
+        b"\n\n",
+    ]
+)
+
+
+@given(st.lists(_FRAGMENTS, max_size=12).map(b"".join))
+def test_one_write_and_byte_by_byte_agree(data: bytes) -> None:
+    """A request written whole (the fast path) is answered exactly as one trickled in byte by
+    byte (the general framing): same replies, errors, requests seen and closing."""
+    limits = Limits(max_line_bytes=64, max_request_bytes=256, max_attributes=6)
+    whole, trickled = _outcome(data, len(data) or 1, limits), _outcome(data, 1, limits)
+    # Input that breaks several limits at once may be refused for either of them first.
+    assert (whole[0], len(whole[1]), whole[2], whole[3]) == (
+        trickled[0],
+        len(trickled[1]),
+        trickled[2],
+        trickled[3],
+    )
