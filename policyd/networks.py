@@ -228,6 +228,10 @@ class NetworkSet:
         ``address`` is an IPv4Address or IPv6Address; an IPv4-mapped IPv6 address matches
         the IPv4 networks. Anything else (None, strings, networks) is never contained.
         """
+        if type(address) is ipaddress.IPv4Address:  # the common case, first and inline
+            value = int(address)
+            index = bisect.bisect_right(self._v4_starts, value) - 1
+            return index >= 0 and value <= self._v4_ends[index]
         if isinstance(address, ipaddress.IPv6Address):
             mapped = address.ipv4_mapped
             if mapped is None:

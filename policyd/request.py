@@ -6,6 +6,7 @@ relay decision needs, under Postfix's own names, with the addresses already pars
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -42,21 +43,29 @@ class PolicyRequest(NamedTuple):
         get = attributes.get
         client_address = get("client_address", "")
         server_address = get("server_address", "")
-        return cls(
-            get("protocol_state", "").upper(),
-            client_address,
-            parse_client_address(client_address),
-            server_address,
-            parse_client_address(server_address),
-            _parse_port(get("server_port", "")),
-            get("sasl_username", ""),
-            get("sender", ""),
-            get("recipient", ""),
-            get("queue_id", ""),
-            get("instance", ""),
+        # tuple.__new__ directly: the named tuple's own __new__ is one more Python call.
+        return _new_tuple(
+            cls,
+            (
+                get("protocol_state", "").upper(),
+                client_address,
+                parse_client_address(client_address),
+                server_address,
+                parse_client_address(server_address),
+                _parse_port(get("server_port", "")),
+                get("sasl_username", ""),
+                get("sender", ""),
+                get("recipient", ""),
+                get("queue_id", ""),
+                get("instance", ""),
+            ),
         )
 
 
+_new_tuple = tuple.__new__
+
+
+@functools.lru_cache(maxsize=1024)
 def _parse_port(text: str) -> int | None:
     if not text.isascii() or not text.isdigit():
         return None

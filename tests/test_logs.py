@@ -6,9 +6,10 @@ import io
 import logging
 import threading
 
+import pytest
 from twisted.internet.task import Clock
 
-from policyd.logs import SecondFormatter, TurnFlushedHandler
+from policyd.logs import SecondFormatter, TurnFlushedHandler, make_record
 
 
 class _Counting(io.StringIO):
@@ -64,3 +65,34 @@ def test_time_stamp_format() -> None:
     line = formatter.format(record)
     assert line.endswith(" INFO policyd.decision: decision x")
     assert len(line.split(" ")[0]) == len("2026-12-02T10:00:00")
+
+
+def test_make_record_is_the_record_logging_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_record gives every field Logger.log would give a preformatted message (after
+    setup() switched off caller, thread and process), so any formatter sees the same."""
+    monkeypatch.setattr(logging, "logProcesses", False)
+    monkeypatch.setattr(logging, "logThreads", False)
+    monkeypatch.setattr(logging, "logMultiprocessing", False)
+    monkeypatch.setattr(logging, "_srcfile", None)
+    made: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            made.append(record)
+
+    logger = logging.getLogger("policyd.test-make-record")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    try:
+        logger.log(logging.WARNING, "decision a=b")
+        ours = make_record(logger.name, logging.WARNING, "decision a=b")
+    finally:
+        logger.handlers.clear()
+    theirs = made[0].__dict__
+    timing = {"created", "msecs", "relativeCreated"}
+    assert {k: v for k, v in ours.__dict__.items() if k not in timing} == {
+        k: v for k, v in theirs.items() if k not in timing and k != "taskName"
+    }
+    assert set(ours.__dict__) >= timing
+    assert 0 <= ours.created - made[0].created < 60
+    assert ours.getMessage() == "decision a=b"

@@ -16,6 +16,7 @@ import policyd.service
 from policyd.config import Config, load_config
 from policyd.decision import Decision, Rule, Verdict
 from policyd.metrics import Metrics
+from policyd.outbound import OutboundProfile
 from policyd.request import PolicyRequest
 from policyd.service import PolicyService, format_decision, quote_value
 
@@ -105,6 +106,24 @@ def test_decision_log_line_fields() -> None:
         "decision queue_id=4XyZ1 client=198.51.100.7 server=- sasl_username=bob "
         "sender=a@b.example recipient=user@remote.example state=RCPT verdict=denied "
         'rule=relay.default action="550 5.7.1 Relaying Denied" destination=remote.example'
+    )
+
+
+def test_decision_log_line_outbound_and_warn_fields() -> None:
+    """An allowed relay names its outbound profile; a warn-mode denial says mode=warn."""
+    profile = OutboundProfile(path="outbound.domains.partner.example", auth="ntlm")
+    allowed = Decision(
+        "OK", Verdict.ALLOWED, Rule.ALLOW_AUTHENTICATED, "partner.example", outbound=profile
+    )
+    assert format_decision({**RELAY, "sasl_username": "a b"}, allowed).endswith(
+        'sasl_username="a b" sender=a@b.example recipient=user@remote.example state=RCPT'
+        " verdict=allowed rule=relay.allow.authenticated action=OK destination=partner.example"
+        " outbound=outbound.domains.partner.example outbound_auth=ntlm"
+    )
+    warned = Decision("WARN x", Verdict.DENIED, Rule.DEFAULT, None, warn_only=True)
+    assert format_decision({}, warned) == (
+        "decision queue_id=- client=- server=- sasl_username=- sender=- recipient=- state=-"
+        ' verdict=denied rule=relay.default action="WARN x" mode=warn'
     )
 
 
