@@ -41,6 +41,11 @@ REASONS = (
 )
 
 
+# The encoded replies of the actions answered so far: a handful (the configured replies).
+_REPLIES: dict[str, bytes] = {}
+_MAX_REPLIES = 256
+
+
 class PolicyProtocol(Protocol, TimeoutMixin):
     """One policy connection: frames requests, answers each, waits for the next.
 
@@ -59,6 +64,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._draining = False
         self._failed = False
         self._socket: Any = None  # set once connected, while replies may bypass the transport
+        self._seconds = factory.clock.seconds
+        self._idle_since = 0.0  # when the connection last became idle (see timeoutConnection)
 
     # -- connection life ---------------------------------------------------------------
 
@@ -69,6 +76,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             handle = get_handle()
             if hasattr(handle, "send"):
                 self._socket = handle
+        self._idle_since = self._seconds()
         self.setTimeout(  # type: ignore[no-untyped-call]
             self.factory.limits.idle_timeout_seconds
         )
@@ -99,8 +107,18 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             self._connection.loseConnection()
 
     def timeoutConnection(self) -> None:
+        """The timer ran out: a request took too long, or the connection may have idled.
+
+        Answering a request that came whole (the common case) only notes the time instead of
+        re-arming the idle timer (``DelayedCall.reset`` is the costlier half of that): when
+        the timer runs out, a connection that was busy since waits the rest of its idle time.
+        """
         if not self.idle:
             self._fail("request_timeout")
+            return
+        remaining = self.factory.limits.idle_timeout_seconds - (self._seconds() - self._idle_since)
+        if remaining > 0:
+            self.setTimeout(remaining)  # type: ignore[no-untyped-call]
         else:
             self._connection.loseConnection()
 
@@ -123,10 +141,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         ):
             # The common case (Postfix waits for each reply): exactly one whole request,
             # nothing held from before. The general framing below would answer it the same.
-            if self._answer(data[:-2]) and not self._connection.disconnecting:
-                self.setTimeout(  # type: ignore[no-untyped-call]
-                    self.factory.limits.idle_timeout_seconds
-                )
+            if self._answer(data[:-2]):
+                self._idle_since = self._seconds()  # the idle timer is running: see above
             return
         answered = self._answered
         was_idle = self.idle
@@ -162,6 +178,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 return
         if self.idle:
             if self._answered != answered:
+                self._idle_since = self._seconds()
                 self.setTimeout(  # type: ignore[no-untyped-call]
                     limits.idle_timeout_seconds
                 )
@@ -195,7 +212,12 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             # The handler is built never to raise; if it does, fail closed: no reply.
             self._fail("handler_failure")
             return False
-        self._send(b"action=" + action.encode("utf-8") + b"\n\n")
+        reply = _REPLIES.get(action)
+        if reply is None:
+            reply = b"action=" + action.encode("utf-8") + b"\n\n"
+            if len(_REPLIES) < _MAX_REPLIES:
+                _REPLIES[action] = reply
+        self._send(reply)
         self._answered += 1
         if self._draining:
             self._connection.loseConnection()

@@ -221,6 +221,38 @@ def test_idle_connection_closed_quietly() -> None:
     assert harness.errors == []
 
 
+@pytest.mark.parametrize("chunk", [len(REQUEST), 7, 1])
+def test_idle_time_counts_from_the_last_answer(chunk: int) -> None:
+    """The idle timeout runs from the last answer, however the requests arrived."""
+    harness = Harness(Limits(request_timeout_seconds=5, idle_timeout_seconds=100))
+    protocol, transport = harness.connect()
+    for when in (0, 60, 90):
+        harness.clock.advance(when - harness.clock.seconds())
+        for start in range(0, len(REQUEST), chunk):
+            protocol.dataReceived(REQUEST[start : start + chunk])
+    assert transport.value().count(b"action=") == 3
+    harness.clock.advance(189 - harness.clock.seconds())
+    assert not transport.disconnecting
+    harness.clock.advance(2)
+    assert transport.disconnecting
+    assert harness.errors == []
+
+
+def test_request_timeout_after_idle_answers() -> None:
+    """After whole requests, a request that then stalls still gets the request timeout."""
+    harness = Harness(Limits(request_timeout_seconds=5, idle_timeout_seconds=100))
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    harness.clock.advance(50)
+    protocol.dataReceived(REQUEST)
+    protocol.dataReceived(REQUEST[:10])
+    harness.clock.advance(4)
+    assert not transport.disconnecting
+    harness.clock.advance(2)
+    assert transport.disconnecting
+    assert harness.errors == ["request_timeout"]
+
+
 def test_disconnect_mid_request_reported() -> None:
     """A client that hangs up mid-request is reported; the handler is never called."""
     harness = Harness()
