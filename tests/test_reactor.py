@@ -81,5 +81,6 @@ def test_serve_runs_on_the_policyd_reactor(tmp_path: Path) -> None:
             )
             assert sock.recv(100) == b"action=DUNNO\n\n"
         assert "reactor: policyd-epoll (PolicydReactor)" in process.wait_for_log("reactor:")
+        assert "gc: " in process.wait_for_log("thresholds (20000, 20, 20)")
     finally:
         process.stop()
