@@ -451,11 +451,15 @@ def summarize(runs: list[SocketRun]) -> dict[tuple[str, int], Summary]:
 
 @dataclass
 class Ratio:
+    """A ratio: the median of the per-round ratios (each round's two runs ran back to back, so
+    a machine whose speed drifts during the benchmark changes both alike)."""
+
     what: str
     where: str
     value: float | None  # None: not comparable
     target: str  # "≤ 1.5", "≥ 0.95" or "" (no target)
     note: str = ""
+    rounds: list[float] = field(default_factory=list)  # the per-round ratios
 
     @property
     def verdict(self) -> str:
@@ -468,30 +472,40 @@ class Ratio:
         return "met" if met else "**missed**"
 
 
+def paired_ratios(first: dict[int, float], second: dict[int, float]) -> list[float]:
+    """first ÷ second in each round both have (rounds in order); a zero divisor is left out."""
+    return [first[r] / second[r] for r in sorted(first) if second.get(r)]
+
+
 def socket_ratios(summaries: dict[tuple[str, int], Summary], levels: list[int]) -> list[Ratio]:
-    """The ratios of the socket benchmark, computed from the medians."""
+    """The ratios of the socket benchmark: per round, then the median over the rounds."""
     ratios: list[Ratio] = []
 
     def pair(
         what: str,
         a: str,
         b: str,
-        value: Callable[[Summary], float],
+        value: Callable[[SocketRun], float],
         target: Callable[[int], str],
     ) -> None:
         for level in levels:
             first, second = summaries.get((a, level)), summaries.get((b, level))
             if first is None or second is None:
                 continue
-            comparable = not first.wrong and not second.wrong and value(second) > 0
+            per_round = paired_ratios(
+                {run.round: value(run) for run in first.runs},
+                {run.round: value(run) for run in second.runs},
+            )
+            comparable = not first.wrong and not second.wrong and bool(per_round)
             wrong = [LABELS[s.server] for s in (first, second) if s.wrong]
             ratios.append(
                 Ratio(
                     what,
                     f"{level} conns",
-                    value(first) / value(second) if comparable else None,
+                    statistics.median(per_round) if comparable else None,
                     target(level),
                     f"wrong answers from {', '.join(wrong)}" if wrong else "",
+                    per_round,
                 )
             )
 
@@ -499,42 +513,42 @@ def socket_ratios(summaries: dict[tuple[str, int], Summary], levels: list[int]) 
         "policyd ÷ responder, server CPU per request",
         "policyd",
         "responder",
-        lambda s: s.cpu_us,
+        lambda r: r.cpu_us,
         lambda n: "≤ 1.5" if n in (20, 100) else "",
     )
     pair(
         "policyd ÷ postfwd2, server CPU per request",
         "policyd",
         "postfwd",
-        lambda s: s.cpu_us,
+        lambda r: r.cpu_us,
         lambda n: "≤ 0.1",
     )
     pair(
         "policyd ÷ responder, throughput",
         "policyd",
         "responder",
-        lambda s: s.throughput,
+        lambda r: r.load.throughput,
         lambda n: "≥ 0.67",
     )
     pair(
         "policyd ÷ responder, p99 latency",
         "policyd",
         "responder",
-        lambda s: s.p99_ms,
+        lambda r: r.load.percentile_ms(0.99),
         lambda n: "≤ 1.5" if n == 100 else "",
     )
     pair(
         "policyd large ÷ small configuration, throughput",
         "policyd-large",
         "policyd",
-        lambda s: s.throughput,
+        lambda r: r.load.throughput,
         lambda n: "≥ 0.95",
     )
     pair(
         "policyd large ÷ small configuration, server CPU per request",
         "policyd-large",
         "policyd",
-        lambda s: s.cpu_us,
+        lambda r: r.cpu_us,
         lambda n: "",
     )
     return ratios
@@ -549,31 +563,22 @@ def pipeline_ratios(result: PipelineResult) -> list[Ratio]:
         "shipped": "policyd as shipped",
         "postfwd": "postfwd2",
     }
+
+    def rates(key: str, count: int) -> dict[int, float]:
+        return {r.round: r.rate for r in result.runs if r.variant == key and r.recipients == count}
+
+    def add(what: str, count: int, key: str, divisor: str, target: str) -> None:
+        per_round = paired_ratios(rates(key, count), rates(divisor, count))
+        if per_round:
+            where = f"{count} rcpt/msg"
+            ratios.append(Ratio(what, where, statistics.median(per_round), target, "", per_round))
+
     for count in result.recipients:
-        builtin = result.median_rate("builtin", count)
-        floor = result.median_rate("responder", count)
         for key in ("policy", "shipped"):
-            rate = result.median_rate(key, count)
-            if rate is not None and floor:
-                ratios.append(
-                    Ratio(
-                        f"pipeline: {names[key]} ÷ responder, accepted msg/s",
-                        f"{count} rcpt/msg",
-                        rate / floor,
-                        targets[key],
-                    )
-                )
+            what = f"pipeline: {names[key]} ÷ responder, accepted msg/s"
+            add(what, count, key, "responder", targets[key])
         for key in ("responder", "policy", "shipped", "postfwd"):
-            rate = result.median_rate(key, count)
-            if rate is not None and builtin:
-                ratios.append(
-                    Ratio(
-                        f"pipeline: {names[key]} ÷ built-in, accepted msg/s",
-                        f"{count} rcpt/msg",
-                        rate / builtin,
-                        "",
-                    )
-                )
+            add(f"pipeline: {names[key]} ÷ built-in, accepted msg/s", count, key, "builtin", "")
     return ratios
 
 
@@ -614,20 +619,26 @@ def report(
         ratios += pipeline_ratios(pipeline)
     out.append("\n### Ratios against the targets\n")
     out.append(
+        "Each ratio is computed per round, from the two runs of that round (the servers and "
+        "variants take turns: the two ran seconds apart, in the pipeline minutes); *value* is "
+        "the median of the per-round ratios listed under *rounds*.\n"
+    )
+    out.append(
         markdown_table(
-            ["ratio (of medians)", "at", "value", "target", "verdict", "note"],
+            ["ratio", "at", "value", "rounds", "target", "verdict", "note"],
             [
                 [
                     r.what,
                     r.where,
                     f"{r.value:.2f}" if r.value is not None else "-",
+                    ", ".join(f"{v:.2f}" for v in r.rounds),
                     r.target or "—",
                     r.verdict,
                     r.note,
                 ]
                 for r in ratios
             ],
-            "llrlll",
+            "llrllll",
         )
     )
 
