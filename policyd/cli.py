@@ -202,8 +202,12 @@ def _transport_line(config: Config, destination: str | None) -> str:
 def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -> int:
     """``policyd serve``: write the tables, run until SIGTERM/SIGINT; SIGHUP reloads."""
     from policyd import logs
+    from policyd.systemd import Notifier
 
     handler = logs.setup(debug, sys.stderr)
+    # Before any child process (postmap) starts: it takes systemd's variables out of the
+    # environment, so that only this process notifies.
+    notifier = Notifier()
     config = _load(path, sys.stderr)
     if config is None:
         return EXIT_CONFIG
@@ -232,6 +236,7 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
     reactor_name = install_reactor()
     from twisted.internet import reactor as _reactor
     from twisted.internet.error import ReactorNotRunning
+    from twisted.internet.task import LoopingCall
 
     from policyd.metrics import Metrics
     from policyd.service import PolicyService
@@ -262,6 +267,7 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
         return True
 
     def stop(signum: int) -> None:
+        notifier.stopping()
         note = "" if stop_reactor() else ": already stopping"
         log.info("received %s%s", signal.Signals(signum).name, note)
 
@@ -280,6 +286,11 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
 
         def listening(_: object) -> None:
             log.info("policyd %s serving %s (mode %s)", __version__, path, config.mode)
+            notifier.ready(f"serving {path}")
+            if notifier.watchdog_seconds is not None:
+                # Half the interval, as sd_watchdog_enabled(3) advises; from the reactor, so
+                # a reactor that stops turning stops the pings.
+                LoopingCall(notifier.watchdog).start(notifier.watchdog_seconds / 2)
 
         def cannot_listen(failure: Any) -> None:
             failures.append(failure)
@@ -287,8 +298,21 @@ def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -
 
         service.start().addCallbacks(listening, cannot_listen)
 
+    def reload() -> None:
+        if service.reloading or service.state != "serving":
+            # One more after the running reload, which notifies; or before READY=1 (or while
+            # stopping), when systemd must not be told the service is ready.
+            service.reload_in_thread()
+            return
+        notifier.reloading()
+
+        def reloaded(_: object) -> None:
+            notifier.ready(f"serving {path}; last reload {service.last_reload}")
+
+        service.reload_in_thread().addBoth(reloaded)
+
     def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload_in_thread)
+        reactor.callFromThread(reload)
 
     # Before anything listens, so an early SIGHUP reloads instead of killing.
     signal.signal(signal.SIGHUP, on_hup)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import Any
 
@@ -73,6 +73,10 @@ class PolicyService:
         )
         self.socketmap_factory = SocketmapFactory(self.lookup, self.report_socketmap_error)
         self.ports: list[IListeningPort] = []
+        #: ``starting`` until every listener accepts, then ``serving``, then ``stopping``.
+        self.state = "starting"
+        #: ``succeeded`` or ``failed`` once a reload has run, for systemd's status line.
+        self.last_reload = "none"
         self._reloading = False
         self._reload_again = False
         self.metrics.config_last_reload.set(time.time())
@@ -173,6 +177,17 @@ class PolicyService:
         written = write_tables(config) if self.write_tables else None
         return config, written
 
+    @property
+    def reloading(self) -> bool:
+        """True while a reload runs in its worker thread."""
+        return self._reloading
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for ``/readyz``: ready once every listener accepts, until stopping."""
+        if self.state == "serving":
+            return True, "ready"
+        return False, self.state
+
     @defer.inlineCallbacks
     def reload_in_thread(self) -> Any:
         """Like ``reload``, but load and write in a worker thread so requests are answered.
@@ -201,6 +216,7 @@ class PolicyService:
             self._reloading = False
 
     def _reload_failed(self, err: Exception) -> bool:
+        self.last_reload = "failed"
         self.metrics.config_reloads.labels(result="failure").inc()
         if isinstance(err, TableWriteError):
             self.metrics.transport_table_writes.labels(result="failure").inc()
@@ -228,6 +244,7 @@ class PolicyService:
         self.config = config
         self.factory.limits = config.limits
         self.record_table_write(written)
+        self.last_reload = "succeeded"
         self.metrics.config_reloads.labels(result="success").inc()
         self.metrics.config_last_reload.set(time.time())
         log.info("reload succeeded: %s", config.summary().replace("\n", ";"))
@@ -267,15 +284,20 @@ class PolicyService:
             if listen.metrics is not None:
                 root = Resource()  # type: ignore[no-untyped-call]
                 root.putChild(b"metrics", MetricsPage(self.metrics.registry))
+                root.putChild(b"healthz", HealthPage(lambda: (True, "ok")))
+                root.putChild(b"readyz", HealthPage(self.readiness))
                 site = Site(root)  # type: ignore[no-untyped-call]
                 site.noisy = False
                 site.log = lambda request: None  # type: ignore[method-assign]
                 port = yield server_endpoint(self.reactor, listen.metrics).listen(site)
                 self.ports.append(port)
-                log.info("metrics listener on %s (HTTP /metrics)", listen.metrics)
+                log.info(
+                    "metrics listener on %s (HTTP /metrics, /healthz, /readyz)", listen.metrics
+                )
         except Exception:
             yield self.stop_listening()
             raise
+        self.state = "serving"
 
     def stop_listening(self) -> defer.Deferred[Any]:
         """Close every listening port."""
@@ -287,6 +309,7 @@ class PolicyService:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         """Stop accepting, answer requests in flight, close every connection."""
+        self.state = "stopping"
         log.info("stopping: no new connections; answering requests in flight")
         yield self.stop_listening()
         self.socketmap_factory.close_all()
@@ -311,6 +334,26 @@ class MetricsPage(Resource):
         encoder, content_type = choose_encoder(request.getHeader("accept"))
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         return encoder(self.registry)
+
+
+class HealthPage(Resource):
+    """``/healthz`` and ``/readyz``: 200 and ``ok``/``ready``, or 503 and the reason.
+
+    ``check`` returns (healthy, text). Plain text, one line, never cached.
+    """
+
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], tuple[bool, str]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.check = check
+
+    def render_GET(self, request: Any) -> bytes:
+        healthy, text = self.check()
+        request.setResponseCode(200 if healthy else 503)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return text.encode() + b"\n"
 
 
 def write_tables(config: Config) -> TableWrite | None:

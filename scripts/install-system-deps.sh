@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests need: Postfix (the MTA under test), Cyrus SASL tools and
 # modules (SMTP AUTH with a sasldb), and postfwd (postfwd2, the policy service the benchmark
-# compares policyd with; tests/test_bench_smoke.py checks its answers). Idempotent; asks nothing.
+# compares policyd with; tests/test_bench_smoke.py checks its answers), and systemd (for
+# systemd-analyze, which checks the shipped unit; installing it starts nothing in a container).
+# Idempotent; asks nothing.
 # postfwd's postinst does not start it (STARTUP=0 in /etc/default/postfwd; no init here).
 set -euo pipefail
 
-packages=(postfix sasl2-bin libsasl2-modules postfwd)
+packages=(postfix sasl2-bin libsasl2-modules postfwd systemd)
 
 missing=()
 for p in "${packages[@]}"; do

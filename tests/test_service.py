@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,30 @@ def test_metrics_endpoint(policyd: PolicydProcess) -> None:
     assert "policyd_request_duration_seconds_count 2.0" in text
     assert 'policyd_config_reloads_total{result="success"} 0.0' in text
     assert "# HELP policyd_decisions_total" in text
+
+
+def _get(process: PolicydProcess, path: str) -> tuple[int, str, str]:
+    """(status, content type, body) of GET ``path`` on the metrics listener."""
+    config_metrics = process.config["listen"]["metrics"]
+    url = f"http://{config_metrics.removeprefix('inet:')}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def test_health_and_readiness(policyd: PolicydProcess) -> None:
+    """/healthz: the process answers; /readyz: configuration loaded, every listener up."""
+    assert _get(policyd, "/healthz") == (200, "text/plain; charset=utf-8", "ok\n")
+    assert _get(policyd, "/readyz") == (200, "text/plain; charset=utf-8", "ready\n")
+    # Still ready after a failed reload: the running configuration keeps serving.
+    policyd.config_path.write_text("local_domains: [\n")
+    assert policyd.process is not None
+    policyd.process.send_signal(signal.SIGHUP)
+    policyd.wait_for_log("reload failed")
+    assert _get(policyd, "/readyz")[0] == 200
+    assert _get(policyd, "/nothing")[0] == 404
 
 
 def test_reload_good_and_bad_file_on_existing_connection(policyd: PolicydProcess) -> None:

@@ -189,3 +189,14 @@ def test_reload_swaps_or_keeps(config_path: Path) -> None:
     assert service.handle(RELAY) == "OK"
     assert sample(service, "policyd_config_reloads_total", result="success") == 1
     assert sample(service, "policyd_config_reloads_total", result="failure") == 1
+
+
+def test_readiness_follows_the_service_state(config_path: Path) -> None:
+    """Not ready while starting or stopping; ready only in between (serve sets ``serving``
+    once every listener accepts, see test_service and test_systemd)."""
+    service = make_service(config_path)
+    assert service.readiness() == (False, "starting")
+    service.state = "serving"
+    assert service.readiness() == (True, "ready")
+    service.stop()
+    assert service.readiness() == (False, "stopping")
