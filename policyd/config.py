@@ -10,6 +10,7 @@ No Twisted here: this module reads files and builds values, nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -143,6 +144,10 @@ class Config:
     transport_table: TransportTableSettings | None = None
     file_lists: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: SHA-256 (hex) of the YAML text and of every ``file:`` list (path and content), in the
+    #: order read: changes whenever a reload would decide differently. Password files are
+    #: left out, so the digest reveals nothing about a secret.
+    digest: str = ""
 
     def summary(self) -> str:
         """A short multi-line description for ``check-config`` and the reload log."""
@@ -209,7 +214,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError("", f"YAML syntax error: {err.problem or err}", where) from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"YAML error: {err}", source) from None
-    return _Builder(source, base_dir or Path.cwd()).build(root)
+    builder = _Builder(source, base_dir or Path.cwd())
+    builder.digest.update(text.encode("utf-8"))
+    return builder.build(root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +241,7 @@ class _Builder:
         self.name = Path(source).name
         self.base_dir = base_dir
         self.file_lists: list[str] = []
+        self.digest = hashlib.sha256()
         self.warnings: list[str] = []
         self.outbound_tables: OutboundTables | None = None
         self.transport_table: TransportTableSettings | None = None
@@ -330,6 +338,7 @@ class _Builder:
         except UnicodeDecodeError:
             raise self.error(path, node, f"{file_path} is not valid UTF-8") from None
         self.file_lists.append(str(file_path))
+        self.digest.update(b"\0file:" + str(file_path).encode() + b"\0" + content.encode("utf-8"))
         for number, raw in enumerate(content.splitlines(), start=1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -382,6 +391,7 @@ class _Builder:
             transport_table=self.transport_table,
             file_lists=tuple(self.file_lists),
             warnings=tuple(self.warnings),
+            digest=self.digest.hexdigest(),
         )
 
     def endpoint(self, node: Node, path: str) -> Endpoint:

@@ -11,13 +11,16 @@ Prometheus scrapes. The rest are ordinary prometheus-client metrics.
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections.abc import Iterator
 
+import twisted
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from policyd import __version__
 from policyd.decision import Rule, Verdict
 from policyd.outbound import AUTH_KINDS, AuthKind
 from policyd.protocol import REASONS
@@ -68,6 +71,30 @@ LOOKUP_LABELS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: The ``protocol_state`` values Postfix sends (SMTPD_POLICY_README); any other is ``other``.
+PROTOCOL_STATES = (
+    "CONNECT",
+    "EHLO",
+    "HELO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "END-OF-MESSAGE",
+    "VRFY",
+    "ETRN",
+)
+
+#: The compiled lists whose sizes ``policyd_config_entries`` reports, by key path.
+CONFIG_LISTS = (
+    "local_domains",
+    "relay.allow.client_networks",
+    "relay.allow.server_addresses",
+    "relay.never.client_networks",
+    "relay.never.sasl_usernames",
+    "outbound.domains",
+)
+
+
 class RequestCounts:
     """The per-request counters, as plain numbers. Only the reactor thread changes them.
 
@@ -75,10 +102,20 @@ class RequestCounts:
     defines them: a value equal to a bound counts in that bound's bucket).
     """
 
-    __slots__ = ("decisions", "duration_buckets", "duration_sum", "lookups", "outbound", "requests")
+    __slots__ = (
+        "decisions",
+        "duration_buckets",
+        "duration_sum",
+        "lookups",
+        "outbound",
+        "requests",
+        "states",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
+        #: Requests by protocol_state: Postfix's names, and ``other`` (bounded).
+        self.states: dict[str, int] = dict.fromkeys((*PROTOCOL_STATES, "other"), 0)
         self.decisions: dict[tuple[Verdict, Rule], int] = dict.fromkeys(DECISION_LABELS, 0)
         self.outbound: dict[AuthKind, int] = dict.fromkeys(AUTH_KINDS, 0)
         self.lookups: dict[tuple[str, str], int] = dict.fromkeys(LOOKUP_LABELS, 0)
@@ -108,6 +145,12 @@ class _RequestCountsCollector:
             "Policy requests answered, of every protocol_state (skipped ones included).",
             [],
             [([], counts.requests)],
+        )
+        yield _counter(
+            "policyd_requests_by_state",
+            "Policy requests by Postfix's protocol_state (any unknown state counts as other).",
+            ["protocol_state"],
+            [([state], n) for state, n in counts.states.copy().items()],
         )
         yield _counter(
             "policyd_decisions",
@@ -150,6 +193,12 @@ def _counter(
     return family
 
 
+def set_config_info(metrics: Metrics, digest: str) -> None:
+    """Point ``policyd_config_info`` at the configuration now in use (one series only)."""
+    metrics.config_info.clear()
+    metrics.config_info.labels(sha256=digest).set(1)
+
+
 class Metrics:
     """Every metric policyd exports, registered in ``registry``."""
 
@@ -174,12 +223,37 @@ class Metrics:
         )
         self.connections = Gauge(
             "policyd_connections",
-            "Open policy connections.",
+            "Open connections, by listener (policy, socketmap).",
             ["listener"],
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "policyd_build_info",
+            "Always 1; the labels name the policyd, Python and Twisted versions running.",
+            ["version", "python_version", "twisted_version"],
+            registry=registry,
+        )
+        self.config_info = Gauge(
+            "policyd_config_info",
+            "Always 1; sha256 is the SHA-256 of the configuration in use and of its file: "
+            "lists (password files left out). It changes when a reload changes the rules.",
+            ["sha256"],
+            registry=registry,
+        )
+        self.config_entries = Gauge(
+            "policyd_config_entries",
+            "Entries in each list of the configuration in use, by key path, as written (before "
+            "merging overlapping networks).",
+            ["list"],
             registry=registry,
         )
         self.counts = RequestCounts()
         registry.register(_RequestCountsCollector(self.counts))
+        self.build_info.labels(
+            version=__version__,
+            python_version=platform.python_version(),
+            twisted_version=twisted.__version__,
+        ).set(1)
         # Every bounded series starts at zero, so dashboards see it.
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)

@@ -6,6 +6,7 @@ so a reload is one assignment and a request always sees one whole configuration.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from twisted.web.server import Site
 from policyd.config import Config, ConfigError, Endpoint, load_config
 from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.logs import make_record
-from policyd.metrics import Metrics
+from policyd.metrics import CONFIG_LISTS, Metrics, set_config_info
 from policyd.protocol import PolicyFactory
 from policyd.request import PolicyRequest
 from policyd.socketmap import SocketmapFactory
@@ -72,6 +73,15 @@ class PolicyService:
             on_connections_changed=self.metrics.connections.labels(listener="policy").set,
         )
         self.socketmap_factory = SocketmapFactory(self.lookup, self.report_socketmap_error)
+        # Read when Prometheus scrapes (on the reactor thread), from what is in use then.
+        metrics.connections.labels(listener="socketmap").set_function(
+            lambda: len(self.socketmap_factory.connections)
+        )
+        for name in CONFIG_LISTS:
+            metrics.config_entries.labels(list=name).set_function(
+                functools.partial(self.list_entries, name)
+            )
+        set_config_info(metrics, config.digest)
         self.ports: list[IListeningPort] = []
         #: ``starting`` until every listener accepts, then ``serving``, then ``stopping``.
         self.state = "starting"
@@ -87,13 +97,21 @@ class PolicyService:
         """Decide one request and record it. Never raises: a failure answers ``replies.error``."""
         started = perf_counter()
         config = self.config
+        state = ""
         try:
-            decision = decide(config, PolicyRequest.from_attributes(attributes))
+            request = PolicyRequest.from_attributes(attributes)
+            state = request.protocol_state
+            decision = decide(config, request)
         except Exception:
             log.exception("internal error while deciding; answering replies.error")
             decision = error_decision(config)
         counts = self.counts
         counts.requests += 1
+        states = counts.states
+        if state in states:
+            states[state] += 1
+        else:
+            states["other"] += 1
         key = (decision.verdict, decision.rule)
         decisions = counts.decisions
         decisions[key] = decisions.get(key, 0) + 1
@@ -177,6 +195,20 @@ class PolicyService:
         written = write_tables(config) if self.write_tables else None
         return config, written
 
+    def list_entries(self, name: str) -> int:
+        """How many entries the list ``name`` (one of CONFIG_LISTS) has in the rules in use."""
+        config = self.config
+        relay = config.relay
+        sizes = {
+            "local_domains": len(config.local_domains),
+            "relay.allow.client_networks": len(relay.allow_client_networks),
+            "relay.allow.server_addresses": len(relay.allow_server_addresses),
+            "relay.never.client_networks": len(relay.never_client_networks),
+            "relay.never.sasl_usernames": len(relay.never_sasl_usernames),
+            "outbound.domains": len(config.outbound.domains),
+        }
+        return sizes[name]
+
     @property
     def reloading(self) -> bool:
         """True while a reload runs in its worker thread."""
@@ -245,6 +277,7 @@ class PolicyService:
         self.factory.limits = config.limits
         self.record_table_write(written)
         self.last_reload = "succeeded"
+        set_config_info(self.metrics, config.digest)
         self.metrics.config_reloads.labels(result="success").inc()
         self.metrics.config_last_reload.set(time.time())
         log.info("reload succeeded: %s", config.summary().replace("\n", ";"))

@@ -137,6 +137,15 @@ def test_metrics_endpoint(policyd: PolicydProcess) -> None:
     assert "policyd_request_duration_seconds_count 2.0" in text
     assert 'policyd_config_reloads_total{result="success"} 0.0' in text
     assert "# HELP policyd_decisions_total" in text
+    assert 'policyd_requests_by_state_total{protocol_state="RCPT"} 2.0' in text
+    assert 'policyd_connections{listener="socketmap"} 0.0' in text
+    assert policyd.socketmap_port is not None
+    with socket.create_connection((policyd.host, policyd.socketmap_port), timeout=10) as sock:
+        query = b"transport remote.example"
+        sock.sendall(b"%d:%s," % (len(query), query))
+        reply = sock.recv(100)  # one netstring (NOTFOUND or OK ...); the connection stays open
+        assert reply.endswith(b",") and b":" in reply, reply
+        assert 'policyd_connections{listener="socketmap"} 1.0' in scrape(policyd)
 
 
 def _get(process: PolicydProcess, path: str) -> tuple[int, str, str]:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet.testing import MemoryReactorClock
 
+import policyd
 import policyd.service
 from policyd.config import Config, load_config
 from policyd.decision import Decision, Rule, Verdict
@@ -200,3 +201,75 @@ def test_readiness_follows_the_service_state(config_path: Path) -> None:
     assert service.readiness() == (True, "ready")
     service.stop()
     assert service.readiness() == (False, "stopping")
+
+
+def test_requests_by_protocol_state_are_bounded(config_path: Path) -> None:
+    """Postfix's state names are counted as they are; anything else as other."""
+    service = make_service(config_path)
+    for state in ("RCPT", "rcpt", "END-OF-MESSAGE", "BOGUS", ""):
+        service.handle({**RELAY, "protocol_state": state})
+    service.handle({k: v for k, v in RELAY.items() if k != "protocol_state"})
+    name = "policyd_requests_by_state_total"
+    assert sample(service, name, protocol_state="RCPT") == 2
+    assert sample(service, name, protocol_state="END-OF-MESSAGE") == 1
+    assert sample(service, name, protocol_state="other") == 3
+    assert sample(service, name, protocol_state="DATA") == 0  # present at zero
+    assert sample(service, "policyd_requests_total") == 6
+
+
+def test_build_config_and_list_metrics(config_path: Path, tmp_path: Path) -> None:
+    """Build info, the digest of the rules in use (it follows a reload), list sizes."""
+    networks = tmp_path / "networks.txt"
+    networks.write_text("192.0.2.0/24\n198.51.100.0/24\n")
+    config_path.write_text(
+        'listen: {policy: "inet:127.0.0.1:10040"}\n'
+        "local_domains: [local.example, .local.example]\n"
+        'relay: {allow: {client_networks: ["file:networks.txt"]}}\n'
+    )
+    service = make_service(config_path)
+    registry = service.metrics.registry
+    build = [s for m in registry.collect() if m.name == "policyd_build_info" for s in m.samples]
+    assert len(build) == 1 and build[0].value == 1
+    assert build[0].labels["version"] == policyd.__version__
+
+    def digests() -> list[str]:
+        return [
+            s.labels["sha256"]
+            for m in registry.collect()
+            if m.name == "policyd_config_info"
+            for s in m.samples
+        ]
+
+    first = digests()
+    assert first == [service.config.digest] and len(first[0]) == 64
+    assert sample(service, "policyd_config_entries", list="local_domains") == 2
+    assert sample(service, "policyd_config_entries", list="relay.allow.client_networks") == 2
+    assert sample(service, "policyd_config_entries", list="relay.never.client_networks") == 0
+
+    # A changed file: list changes the digest and the sizes; one series at a time.
+    networks.write_text("192.0.2.0/24\n198.51.100.0/24\n203.0.113.0/24\n")
+    assert service.reload()
+    assert digests() != first and len(digests()) == 1
+    assert sample(service, "policyd_config_entries", list="relay.allow.client_networks") == 3
+    # The same content again gives the same digest.
+    networks.write_text("192.0.2.0/24\n198.51.100.0/24\n")
+    assert service.reload()
+    assert digests() == first
+
+
+def test_config_digest_leaves_password_files_out(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    base = (
+        'listen: {policy: "inet:127.0.0.1:10040"}\n'
+        "local_domains: [local.example]\n"
+        "outbound:\n"
+        "  domains:\n"
+        "    partner.example: {auth: cleartext, username: u, password_file: secret,"
+        ' nexthop: "[smtp.partner.example]:587"}\n'
+    )
+    (tmp_path / "policyd.yaml").write_text(base)
+    secret.write_text("one\n")
+    secret.chmod(0o600)
+    first = load_config(tmp_path / "policyd.yaml").digest
+    secret.write_text("two\n")
+    assert load_config(tmp_path / "policyd.yaml").digest == first
