@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from policyd.cli import EXIT_CONFIG
+from tests.system_tools import require
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "policyd.service"
 SHIPPED_BINARY = "/opt/policyd/venv/bin/policyd"
@@ -18,13 +18,7 @@ SHIPPED_BINARY = "/opt/policyd/venv/bin/policyd"
 
 @pytest.fixture
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        pytest.fail(
-            "systemd-analyze not found: the unit checks need Debian's systemd package; run "
-            "`make test` (or `bash scripts/install-system-deps.sh`) to install it"
-        )
-    return found
+    return require("systemd-analyze", "systemd")
 
 
 def installed_copy(tmp_path: Path) -> Path:
