@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from policyd.config import parse_config
 from policyd.metrics import Metrics
 from policyd.service import PolicyService
+from tests.system_tools import require
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DASHBOARD = DOCS / "grafana" / "policyd.json"
@@ -34,13 +36,32 @@ def alert_expressions() -> dict[str, str]:
     return {rule["alert"]: rule["expr"] for group in data["groups"] for rule in group["rules"]}
 
 
-def exported_names() -> set[str]:
-    """Every sample name a freshly started policyd exposes on /metrics."""
+def exposition() -> str:
+    """What a freshly started policyd serves on /metrics."""
     config = parse_config('listen: {policy: "inet:127.0.0.1:10040"}\nlocal_domains: [l.example]\n')
     registry = CollectorRegistry()
     PolicyService("policyd.yaml", config, MemoryReactorClock(), Metrics(registry))
-    text = generate_latest(registry).decode()
+    return generate_latest(registry).decode()
+
+
+def exported_names() -> set[str]:
+    """Every sample name a freshly started policyd exposes on /metrics."""
+    text = exposition()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+def test_promtool_check_metrics() -> None:
+    """Prometheus's own linter: naming conventions, help text, types (no output when clean)."""
+    promtool = require("promtool", "prometheus")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exposition(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_every_metric_used_is_exported() -> None:
