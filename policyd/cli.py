@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from policyd import __version__
 from policyd.config import Config, ConfigError, load_config
+from policyd.logs import DEFAULT_SYSLOG_ADDRESS, LOG_FORMATS, LOG_TARGETS, LogFormat, LogTarget
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -61,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--debug", action="store_true", help="debug logging (implies --verbose)")
     serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="logfmt",
+        help="logfmt: key=value lines (default); json: one JSON object per line",
+    )
+    serve.add_argument(
+        "--log-target",
+        choices=LOG_TARGETS,
+        default="stderr",
+        help="stderr (default; the journal under systemd) or syslog (facility mail, as "
+        "Postfix logs)",
+    )
+    serve.add_argument(
+        "--syslog-address",
+        default=DEFAULT_SYSLOG_ADDRESS,
+        metavar="PATH",
+        help=f"the syslog socket for --log-target syslog (default: {DEFAULT_SYSLOG_ADDRESS})",
+    )
+    serve.add_argument(
         "--no-transport-table",
         action="store_true",
         help="do not write outbound.transport_table (to try a configuration on a machine "
@@ -98,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=args.verbose or args.debug,
             debug=args.debug,
             write_tables=not args.no_transport_table,
+            log_format=args.log_format,
+            log_target=args.log_target,
+            syslog_address=args.syslog_address,
         )
     if args.command == "check-config":
         return check_config(args.config, sys.stdout, sys.stderr)
@@ -199,12 +222,25 @@ def _transport_line(config: Config, destination: str | None) -> str:
     return f"{answer} ({where})"
 
 
-def serve(path: str, *, verbose: bool, debug: bool, write_tables: bool = True) -> int:
+def serve(
+    path: str,
+    *,
+    verbose: bool,
+    debug: bool,
+    write_tables: bool = True,
+    log_format: LogFormat = "logfmt",
+    log_target: LogTarget = "stderr",
+    syslog_address: str = DEFAULT_SYSLOG_ADDRESS,
+) -> int:
     """``policyd serve``: write the tables, run until SIGTERM/SIGINT; SIGHUP reloads."""
     from policyd import logs
     from policyd.systemd import Notifier
 
-    handler = logs.setup(debug, sys.stderr)
+    try:
+        handler = logs.setup(debug, sys.stderr, log_format, log_target, syslog_address)
+    except OSError as error:
+        print(f"policyd: cannot log to syslog at {syslog_address}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     # Before any child process (postmap) starts: it takes systemd's variables out of the
     # environment, so that only this process notifies.
     notifier = Notifier()

@@ -134,13 +134,12 @@ def ask(sock: socket.socket, payload: bytes) -> bytes:
     return rest[: int(length)]
 
 
-def test_service_socketmap_over_socket(tmp_path: Path) -> None:
-    """policyd serves transport and sasl_passwd on listen.socketmap; unknown maps get PERM;
-    a SIGHUP reload changes the answers on the same connection; lookups are counted."""
+def _partner_config(tmp_path: Path) -> dict[str, Any]:
+    """One cleartext outbound profile whose password (``s3cret-pw``) is in a 0600 file."""
     secret = tmp_path / "secret"
     secret.write_text("s3cret-pw\n")
     secret.chmod(0o600)
-    config: dict[str, Any] = {
+    return {
         "local_domains": ["local.example"],
         "outbound": {
             "domains": {
@@ -153,6 +152,12 @@ def test_service_socketmap_over_socket(tmp_path: Path) -> None:
             }
         },
     }
+
+
+def test_service_socketmap_over_socket(tmp_path: Path) -> None:
+    """policyd serves transport and sasl_passwd on listen.socketmap; unknown maps get PERM;
+    a SIGHUP reload changes the answers on the same connection; lookups are counted."""
+    config = _partner_config(tmp_path)
     process = PolicydProcess(config, tmp_path / "run", metrics=True)
     port, metrics = process.socketmap_port, process.metrics_port
     process.start()
@@ -184,6 +189,22 @@ def test_service_socketmap_over_socket(tmp_path: Path) -> None:
         assert 'policyd_socketmap_lookups_total{map="sasl_passwd",result="found"} 1.0' in text
         assert 'policyd_socketmap_lookups_total{map="unknown",result="perm"} 1.0' in text
         assert "s3cret-pw" not in text
+    finally:
+        process.stop()
+    assert "s3cret-pw" not in process.log_text()
+
+
+def test_no_secret_in_json_debug_logs(tmp_path: Path) -> None:
+    """With every log line on (--debug) and in JSON, the sasl_passwd answer is never logged."""
+    config = _partner_config(tmp_path)
+    process = PolicydProcess(
+        config, tmp_path / "run", extra_args=["--debug", "--log-format", "json"]
+    )
+    process.start()
+    try:
+        with socket.create_connection(("127.0.0.1", process.socketmap_port), timeout=10) as sock:
+            assert ask(sock, b"sasl_passwd [127.0.0.31]:2526").endswith(b":s3cret-pw")
+        process.wait_for_log("sasl_passwd", "found")
     finally:
         process.stop()
     assert "s3cret-pw" not in process.log_text()
