@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
         "write-tables",
         "Write outbound.transport_table once (as serve does at start), then exit.",
     )
+    check_postfix = add(
+        "check-postfix",
+        "Read Postfix's configuration through postconf and report every setting that makes an "
+        "open relay, fails open or bypasses policyd. Exit 1 on errors, 0 with warnings only.",
+    )
+    check_postfix.add_argument(
+        "--postfix-dir",
+        metavar="DIR",
+        help="the Postfix configuration directory (postconf -c DIR; default: Postfix's own)",
+    )
     explain = add(
         "explain",
         "Decide one request and print the reply, verdict, rule and outbound profile. "
@@ -126,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config, sys.stdout, sys.stderr)
     if args.command == "write-tables":
         return write_tables(args.config, sys.stdout, sys.stderr)
+    if args.command == "check-postfix":
+        return check_postfix(args.config, args.postfix_dir, sys.stdout, sys.stderr)
     return explain(args.config, args.attributes, sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -135,6 +147,23 @@ def _load(path: str, err: TextIO) -> Config | None:
     except ConfigError as error:
         print(f"policyd: configuration error: {error}", file=err)
         return None
+
+
+def check_postfix(path: str, postfix_dir: str | None, out: TextIO, err: TextIO) -> int:
+    """``policyd check-postfix``: errors exit 1, warnings alone 0."""
+    from policyd import postfix_check
+
+    config = _load(path, err)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        settings = postfix_check.read_postfix(postfix_dir)
+    except postfix_check.PostconfError as error:
+        print(f"policyd: cannot read the Postfix configuration: {error}", file=err)
+        return EXIT_CONFIG
+    findings = postfix_check.check(settings, config)
+    out.write(postfix_check.report(findings))
+    return EXIT_CONFIG if any(f.severity == "error" for f in findings) else EXIT_OK
 
 
 def check_config(path: str, out: TextIO, err: TextIO) -> int:

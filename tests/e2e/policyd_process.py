@@ -258,3 +258,20 @@ class PolicydProcess:
                     f"--- policyd log ---\n{self.log_text()}"
                 )
             time.sleep(0.05)
+
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "postfix-examples" / "policyd.yaml"
+
+
+def shipped_policyd_config() -> dict[str, Any]:
+    """postfix-examples/policyd.yaml as shipped, with ``listen`` emptied (PolicydProcess fills
+    it in) and its relative ``file:`` lists made absolute (the copy is written elsewhere)."""
+    config: dict[str, Any] = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    config["listen"] = {}
+    config["local_domains"] = [
+        f"file:{EXAMPLE_CONFIG.parent / entry[5:]}"
+        if entry.startswith("file:") and not entry[5:].startswith("/")
+        else entry
+        for entry in config["local_domains"]
+    ]
+    return config

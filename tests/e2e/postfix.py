@@ -263,7 +263,9 @@ class PostfixInstance:
             f"myhostname = mx.{d}",
             f"mydomain = {d}",
             "myorigin = $myhostname",
-            f"mydestination = {d}, localhost",
+            # The domains postfix-examples/policyd.yaml counts as local (its local_domains and
+            # local-domains.txt), as an administrator following the examples would list them.
+            f"mydestination = {d}, local-two.example, localhost",
             "relay_domains =",
             "inet_interfaces = 127.0.0.1",
             "inet_protocols = ipv4",

@@ -21,13 +21,11 @@ import secrets
 import smtplib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from .policyd_process import PolicydProcess
+from .policyd_process import PolicydProcess, shipped_policyd_config
 from .postfix import EXAMPLE_POLICY_ENDPOINT, EXAMPLE_TRANSPORT_TABLE_PATH, PostfixInstance
 
 pytestmark = pytest.mark.e2e
@@ -40,22 +38,12 @@ SASL_PASSWORD = secrets.token_urlsafe(12)
 SENDER = "sender@outside.example"
 
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "postfix-examples" / "policyd.yaml"
-
-
 @pytest.fixture(scope="module")
 def policyd_config(smtp_listeners: list[tuple[str, int]]) -> dict[str, Any]:
     """postfix-examples/policyd.yaml as shipped: only ``listen`` is the test's own (and the
     transport table's path, which PolicydProcess moves), and its relative ``file:`` lists are
     made absolute because the copy is written elsewhere."""
-    config: dict[str, Any] = yaml.safe_load(EXAMPLE_CONFIG.read_text())
-    config["listen"] = {}  # PolicydProcess fills in listen.policy; no metrics listener
-    config["local_domains"] = [
-        f"file:{EXAMPLE_CONFIG.parent / entry[5:]}"
-        if entry.startswith("file:") and not entry[5:].startswith("/")
-        else entry
-        for entry in config["local_domains"]
-    ]
+    config = shipped_policyd_config()  # PolicydProcess fills in listen; no metrics listener
     inside_address, _ = smtp_listeners[1]
     # What the tests below rely on, as the example states it:
     assert config["relay"]["allow"]["authenticated"] is True
