@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    serve = add("serve", "Run the policy service in the foreground, logging to stderr.")
+    serve = add("serve", "Run the policy service in the foreground, logging to stderr or syslog.")
     serve.add_argument(
         "--verbose",
         "-v",
