@@ -1,0 +1,157 @@
+"""Sending limits, the arithmetic: GCRA (the generic cell rate algorithm) on integer microseconds.
+
+A limit ``N/P`` with burst ``B`` (``rate: 200/1h``, ``burst: 50``) lets a key send ``B`` at once
+and, in the long run, ``N`` per period ``P``. GCRA keeps one number per key, the *theoretical
+arrival time* ``tat``: when the key's bucket would be empty again at the sustained rate.
+
+With the emission interval ``T = ceil(P / N)`` (in microseconds: an interval is a whole number
+of microseconds, rounded up, so the sustained rate is never above ``N/P``) and the tolerance
+``tau = (B - 1) * T``, a request at time ``now`` is:
+
+- **allowed** when ``max(tat, now) - now <= tau``; the key's ``tat`` becomes ``max(tat, now) + T``;
+- **limited** otherwise; ``tat`` is left unchanged (a refused attempt costs nothing, so
+  retrying does not extend the penalty); it would be allowed again after
+  ``max(tat, now) - now - tau`` microseconds.
+
+A key never seen, or whose ``tat`` is in the past, has a full bucket: ``B`` requests now. After
+``k`` requests at one instant ``tat = now + k*T``, so exactly ``B`` pass (``k*T <= tau`` for ``k``
+up to ``B - 1``). The number still allowed at ``now`` is ``(tau - (max(tat, now) - now)) // T + 1``
+when that is positive, else 0.
+
+Several limits on one request are checked and charged **all or nothing**: if any refuses, none is
+charged. ``MemoryStore`` is the in-process store (one MX host); a shared store runs the same
+arithmetic in one atomic Redis script.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Microseconds per unit of a rate's period.
+UNITS = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+_RATE = re.compile(r"^\s*([1-9][0-9]*)\s*/\s*([1-9][0-9]*)?\s*([smhd])\s*$")
+
+
+class RateError(ValueError):
+    """A rate that does not parse; ``str()`` says what is expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` per ``period_us`` microseconds, ``burst`` at once."""
+
+    count: int
+    period_us: int
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.period_us < 1 or self.burst < 1:
+            raise RateError("count, period and burst must be positive")
+
+    @property
+    def interval_us(self) -> int:
+        """T: microseconds between two requests at the sustained rate, rounded up."""
+        return -(-self.period_us // self.count)
+
+    @property
+    def tolerance_us(self) -> int:
+        """tau = (burst - 1) * T: how far ahead of now ``tat`` may be for a request to pass."""
+        return (self.burst - 1) * self.interval_us
+
+
+def parse_rate(text: str, burst: int = 1) -> Rate:
+    """``200/1h``, ``10/30s``, ``5/m`` (a missing multiplier is 1) -> Rate."""
+    match = _RATE.match(text)
+    if match is None:
+        raise RateError(f"{text!r} is not a rate: expected N/1s, N/1m, N/1h or N/1d (N > 0)")
+    count, multiplier, unit = int(match[1]), int(match[2] or 1), match[3]
+    return Rate(count, multiplier * UNITS[unit], burst)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The outcome of one limit for one request."""
+
+    allowed: bool
+    #: The key's ``tat`` after the request (unchanged when refused, or when another refused).
+    tat: int
+    #: Microseconds until one more request would pass (0 when allowed).
+    retry_after_us: int
+    #: Requests still allowed right now, after this one if it was charged.
+    remaining: int
+
+
+def check(tat: int | None, now: int, rate: Rate) -> Check:
+    """Judge one request at ``now`` against a key whose state is ``tat`` (None: never seen).
+
+    Pure: returns the new ``tat`` as if charged when allowed; the caller decides whether to
+    store it (all or nothing across limits).
+    """
+    interval, tolerance = rate.interval_us, rate.tolerance_us
+    start = now if tat is None or tat < now else tat
+    ahead = start - now
+    if ahead > tolerance:
+        return Check(False, start, ahead - tolerance, 0)
+    new_tat = start + interval
+    return Check(True, new_tat, 0, remaining(new_tat, now, rate))
+
+
+def remaining(tat: int | None, now: int, rate: Rate) -> int:
+    """Requests a key could still send at ``now``."""
+    ahead = 0 if tat is None or tat < now else tat - now
+    left = rate.tolerance_us - ahead
+    return left // rate.interval_us + 1 if left >= 0 else 0
+
+
+class MemoryStore:
+    """The in-process store: one ``tat`` per (limit name, key), bounded in size.
+
+    Keys whose bucket is full again (``tat <= now``) hold no information and are dropped
+    when the store reaches ``max_keys`` (then, if still full, the oldest ones go first: a flood
+    of new keys forgets the keys least recently charged, never refuses a request because of
+    the store).
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._tats: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def tat(self, limit: str, key: str) -> int | None:
+        return self._tats.get((limit, key))
+
+    def check_and_charge(self, requests: Sequence[tuple[str, str, Rate]], now: int) -> list[Check]:
+        """Check every (limit name, key, rate); charge all of them only if all allow."""
+        checks = [check(self._tats.get((limit, key)), now, rate) for limit, key, rate in requests]
+        if all(result.allowed for result in checks):
+            for (limit, key, _), result in zip(requests, checks, strict=True):
+                self._store((limit, key), result.tat, now)
+            return checks
+        # Another limit refused: nothing is charged, and the limits that would have allowed
+        # report their state as it stays.
+        results = []
+        for (limit, key, rate), result in zip(requests, checks, strict=True):
+            if result.allowed:
+                stored = self._tats.get((limit, key))
+                kept = stored if stored is not None and stored > now else now
+                result = Check(True, kept, 0, remaining(stored, now, rate))
+            results.append(result)
+        return results
+
+    def reset(self, limit: str, key: str) -> bool:
+        """Forget a key's state (a full bucket again); False if it had none."""
+        return self._tats.pop((limit, key), None) is not None
+
+    def _store(self, item: tuple[str, str], tat: int, now: int) -> None:
+        tats = self._tats
+        if item not in tats and len(tats) >= self.max_keys:
+            for stale in [k for k, t in tats.items() if t <= now]:
+                del tats[stale]
+            while len(tats) >= self.max_keys:
+                del tats[next(iter(tats))]  # insertion order: the least recently charged
+        tats.pop(item, None)  # re-insert at the end: most recently charged
+        tats[item] = tat

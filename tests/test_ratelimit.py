@@ -1,0 +1,151 @@
+"""GCRA on integer microseconds: the arithmetic of policyd/ratelimit.py, tested exactly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policyd.ratelimit import MemoryStore, Rate, RateError, check, parse_rate, remaining
+
+HOUR = 3_600_000_000
+T0 = 1_796_000_000_000_000  # an arbitrary "now" in microseconds since the epoch
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "period_us"),
+    [
+        ("200/1h", 200, HOUR),
+        ("10/30s", 10, 30_000_000),
+        ("5/m", 5, 60_000_000),
+        (" 1 / 1d ", 1, 86_400_000_000),
+    ],
+)
+def test_parse_rate(text: str, count: int, period_us: int) -> None:
+    rate = parse_rate(text, burst=3)
+    assert (rate.count, rate.period_us, rate.burst) == (count, period_us, 3)
+
+
+@pytest.mark.parametrize("text", ["", "0/1h", "10/0h", "10", "10/1w", "-1/1h", "1.5/1h", "10/h/2"])
+def test_bad_rates_are_refused(text: str) -> None:
+    with pytest.raises(RateError):
+        parse_rate(text)
+
+
+def test_interval_is_rounded_up_never_faster_than_configured() -> None:
+    assert Rate(200, HOUR).interval_us == 18_000_000  # exact
+    assert Rate(7, HOUR).interval_us == 514_285_715  # 514,285,714.28... rounded up
+    assert Rate(7, HOUR).interval_us * 7 >= HOUR
+    assert Rate(200, HOUR, burst=50).tolerance_us == 49 * 18_000_000
+
+
+def test_burst_then_one_per_interval() -> None:
+    """200/1h with burst 50: 50 at once, the 51st refused 18 s short; one more every 18 s."""
+    rate = Rate(200, HOUR, burst=50)
+    tat = None
+    for n in range(50):
+        result = check(tat, T0, rate)
+        assert result.allowed and result.remaining == 49 - n
+        tat = result.tat
+    assert tat == T0 + 50 * 18_000_000
+    refused = check(tat, T0, rate)
+    assert not refused.allowed and refused.tat == tat and refused.retry_after_us == 18_000_000
+    assert not check(tat, T0 + 17_999_999, rate).allowed
+    assert check(tat, T0 + 17_999_999, rate).retry_after_us == 1
+    again = check(tat, T0 + 18_000_000, rate)
+    assert again.allowed and again.remaining == 0
+
+
+def test_refused_attempts_cost_nothing() -> None:
+    rate = Rate(1, 60_000_000)  # 1/1m, burst 1
+    first = check(None, T0, rate)
+    for offset in range(0, 60_000_000, 7_000_000):  # retries every 7 s
+        assert not check(first.tat, T0 + offset, rate).allowed
+    assert check(first.tat, T0 + 60_000_000, rate).allowed  # not pushed back by the retries
+
+
+def test_idle_key_is_full_again() -> None:
+    rate = Rate(10, HOUR, burst=5)
+    assert remaining(None, T0, rate) == 5
+    assert remaining(T0 - 1, T0, rate) == 5  # tat in the past: full
+    assert remaining(T0 + rate.tolerance_us, T0, rate) == 1
+    assert remaining(T0 + rate.tolerance_us + 1, T0, rate) == 0
+
+
+def _reference(times: list[int], rate: Rate) -> list[bool]:
+    """A sliding-schedule reference: a request passes when, counting only the requests that
+    passed, the bucket (capacity ``burst``, one token back every interval) holds a token."""
+    tokens_us = rate.burst * rate.interval_us  # the bucket, in microseconds of credit
+    level = tokens_us
+    last = None
+    out = []
+    for now in times:
+        if last is not None:
+            level = min(tokens_us, level + (now - last))
+        last = now
+        if level >= rate.interval_us:
+            level -= rate.interval_us
+            out.append(True)
+        else:
+            out.append(False)
+    return out
+
+
+@given(
+    count=st.integers(1, 50),
+    period_s=st.integers(1, 3600),
+    burst=st.integers(1, 20),
+    gaps=st.lists(st.integers(0, 120_000_000), min_size=1, max_size=60),
+)
+def test_gcra_equals_a_token_bucket(count: int, period_s: int, burst: int, gaps: list[int]) -> None:
+    """GCRA with tau = (B - 1) T is the token bucket of capacity B refilled one per T."""
+    rate = Rate(count, period_s * 1_000_000, burst)
+    times = []
+    now = T0
+    for gap in gaps:
+        now += gap
+        times.append(now)
+    tat = None
+    got = []
+    for now in times:
+        result = check(tat, now, rate)
+        if result.allowed:
+            tat = result.tat
+        got.append(result.allowed)
+    assert got == _reference(times, rate)
+
+
+def test_all_or_nothing_across_limits() -> None:
+    """Two limits on one request: when one refuses, the other is not charged."""
+    store = MemoryStore()
+    tight, loose = Rate(1, HOUR), Rate(100, HOUR, burst=100)
+    request = [("per-user", "alice", loose), ("per-host", "192.0.2.7", tight)]
+    assert [c.allowed for c in store.check_and_charge(request, T0)] == [True, True]
+    charged = store.tat("per-user", "alice")
+    results = store.check_and_charge(request, T0 + 1)
+    assert [c.allowed for c in results] == [True, False]
+    assert store.tat("per-user", "alice") == charged  # not charged by the refused request
+    assert results[0].remaining == 99  # 100 - the one request charged
+    assert results[1].retry_after_us == HOUR - 1
+
+
+def test_reset_gives_a_full_bucket() -> None:
+    store = MemoryStore()
+    rate = Rate(1, HOUR)
+    store.check_and_charge([("l", "k", rate)], T0)
+    assert not store.check_and_charge([("l", "k", rate)], T0)[0].allowed
+    assert store.reset("l", "k") and not store.reset("l", "k")
+    assert store.check_and_charge([("l", "k", rate)], T0)[0].allowed
+
+
+def test_store_is_bounded_and_drops_full_buckets_first() -> None:
+    store = MemoryStore(max_keys=3)
+    rate = Rate(1, 1_000_000)  # 1/1s
+    for n in range(3):
+        store.check_and_charge([("l", f"old{n}", rate)], T0)
+    # Two seconds later every bucket is full again: they are dropped, not the new key refused.
+    store.check_and_charge([("l", "new", rate)], T0 + 2_000_000)
+    assert len(store) == 1 and store.tat("l", "new") is not None
+    for n in range(10):
+        assert store.check_and_charge([("l", f"flood{n}", rate)], T0 + 2_000_000)[0].allowed
+        assert len(store) <= 3
