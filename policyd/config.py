@@ -42,6 +42,22 @@ from policyd.outbound import (
     Secret,
     TlsLevel,
 )
+from policyd.ratelimit import (
+    ALLOW_RULES,
+    BACKEND_ERROR_POLICIES,
+    COUNT_KINDS,
+    DEFAULT_REPLIES,
+    LIMIT_ACTIONS,
+    LIMIT_KEYS,
+    BackendErrorPolicy,
+    CountKind,
+    Limit,
+    LimitAction,
+    RateError,
+    RateLimits,
+    RedisBackend,
+    parse_rate,
+)
 from policyd.transport_table import (
     DEFAULT_POSTFIX_CONFIG_DIR,
     TABLE_TYPES,
@@ -142,6 +158,7 @@ class Config:
     outbound: Outbound
     outbound_tables: OutboundTables
     transport_table: TransportTableSettings | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     file_lists: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     #: SHA-256 (hex) of the YAML text and of every ``file:`` list (path and content), in the
@@ -356,7 +373,16 @@ class _Builder:
         top = self.mapping(
             root,
             "",
-            ("listen", "mode", "local_domains", "relay", "replies", "limits", "outbound"),
+            (
+                "listen",
+                "mode",
+                "local_domains",
+                "relay",
+                "replies",
+                "limits",
+                "outbound",
+                "rate_limits",
+            ),
         )
         if "listen" not in top:
             raise self.error("listen", root, "missing (listen.policy is required)")
@@ -378,6 +404,9 @@ class _Builder:
             self.outbound(top["outbound"][1], local_domains) if "outbound" in top else Outbound()
         )
         tables = self.outbound_tables or OutboundTables(outbound, local_domains)
+        rate_limits = (
+            self.rate_limits(top["rate_limits"][1], relay) if "rate_limits" in top else RateLimits()
+        )
         return Config(
             source=self.source,
             listen=listen,
@@ -389,6 +418,7 @@ class _Builder:
             outbound=outbound,
             outbound_tables=tables,
             transport_table=self.transport_table,
+            rate_limits=rate_limits,
             file_lists=tuple(self.file_lists),
             warnings=tuple(self.warnings),
             digest=self.digest.hexdigest(),
@@ -569,6 +599,161 @@ class _Builder:
                 "limits.max_request_bytes", node, "must not be smaller than limits.max_line_bytes"
             )
         return limits
+
+    def rate_limits(self, node: Node, relay: RelayRules) -> RateLimits:
+        path = "rate_limits"
+        section = self.mapping(node, path, ("backend", "on_backend_error", "exempt", "limits"))
+        backend: Literal["memory"] | RedisBackend = "memory"
+        if "backend" in section:
+            backend = self.rate_limit_backend(section["backend"][1])
+        on_error: BackendErrorPolicy = "local"
+        if "on_backend_error" in section:
+            value_node = section["on_backend_error"][1]
+            on_error = self.choice(value_node, f"{path}.on_backend_error", BACKEND_ERROR_POLICIES)
+        exempt_networks: list[IPNetwork] = []
+        exempt_users: set[str] = set()
+        if "exempt" in section:
+            exempt = self.mapping(
+                section["exempt"][1], f"{path}.exempt", ("client_networks", "sasl_usernames")
+            )
+            if "client_networks" in exempt:
+                exempt_networks = list(
+                    self.entries(
+                        exempt["client_networks"][1],
+                        f"{path}.exempt.client_networks",
+                        parse_network,
+                    )
+                )
+            if "sasl_usernames" in exempt:
+                exempt_users = set(
+                    self.entries(
+                        exempt["sasl_usernames"][1], f"{path}.exempt.sasl_usernames", str.lower
+                    )
+                )
+        limits: list[Limit] = []
+        if "limits" in section:
+            for index, item in enumerate(self.sequence(section["limits"][1], f"{path}.limits")):
+                limit = self.rate_limit(item, f"{path}.limits[{index}]")
+                if any(other.name == limit.name for other in limits):
+                    raise self.error(
+                        f"{path}.limits[{index}].name", item, f"duplicate name {limit.name!r}"
+                    )
+                limits.append(limit)
+        if limits:
+            self.warnings.append(
+                "rate_limits: this version of policyd validates the limits but does not enforce "
+                "them yet; every allowed relay is still answered as allowed"
+            )
+        return RateLimits(
+            backend=backend,
+            on_backend_error=on_error,
+            exempt_client_networks=NetworkSet(exempt_networks),
+            exempt_sasl_usernames=frozenset(exempt_users),
+            limits=tuple(limits),
+        )
+
+    def choice(self, node: Node, path: str, allowed: tuple[T, ...]) -> T:
+        value = self.string(node, path)
+        for option in allowed:
+            if value == option:
+                return option
+        raise self.error(
+            path, node, f"must be one of {', '.join(map(str, allowed))}, got {value!r}"
+        )
+
+    def rate_limit_backend(self, node: Node) -> Literal["memory"] | RedisBackend:
+        path = "rate_limits.backend"
+        if isinstance(node, ScalarNode):
+            value = self.string(node, path)
+            if value != "memory":
+                raise self.error(path, node, f"must be memory or {{redis: ADDRESS}}, got {value!r}")
+            return "memory"
+        section = self.mapping(
+            node, path, ("redis", "username", "password_file", "password_env", "timeout")
+        )
+        if "redis" not in section:
+            raise self.error(f"{path}.redis", node, "missing (unix:/path or inet:HOST:PORT)")
+        address_node = section["redis"][1]
+        address = self.string(address_node, f"{path}.redis").strip()
+        if address.startswith("unix:"):
+            if not address[5:].startswith("/"):
+                raise self.error(f"{path}.redis", address_node, "needs an absolute path")
+        elif address.startswith("inet:"):
+            host, colon, port = address[5:].rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise self.error(f"{path}.redis", address_node, "must be inet:HOST:PORT")
+        else:
+            raise self.error(f"{path}.redis", address_node, "must be unix:/path or inet:HOST:PORT")
+        values = {
+            key: self.string(value_node, f"{path}.{key}")
+            for key, (_, value_node) in section.items()
+            if key in ("username", "password_file", "password_env")
+        }
+        password = None
+        if "password_file" in values or "password_env" in values:
+            password = self.password(section, values, node, path)
+        timeout = 0.05
+        if "timeout" in section:
+            timeout = self.number(section["timeout"][1], f"{path}.timeout", 0.001, 1.0)
+        return RedisBackend(address, values.get("username", ""), password, timeout)
+
+    def rate_limit(self, node: Node, path: str) -> Limit:
+        section = self.mapping(
+            node,
+            path,
+            ("name", "applies_to", "key", "count", "rate", "burst", "action", "reply"),
+        )
+        for required in ("name", "applies_to", "key", "rate"):
+            if required not in section:
+                raise self.error(f"{path}.{required}", node, "missing")
+        name_node = section["name"][1]
+        name = self.string(name_node, f"{path}.name")
+        if _LIMIT_NAME.fullmatch(name) is None:
+            raise self.error(
+                f"{path}.name", name_node, "must be 1-64 of a-z, 0-9, '-' and '_' (a metric label)"
+            )
+        applies_node = section["applies_to"][1]
+        applies = [
+            self.choice(item, f"{path}.applies_to", ALLOW_RULES)
+            for item in self.sequence(applies_node, f"{path}.applies_to")
+        ]
+        if not applies:
+            raise self.error(f"{path}.applies_to", applies_node, "must name at least one rule")
+        key_node = section["key"][1]
+        key = self.choice(key_node, f"{path}.key", LIMIT_KEYS)
+        if key == "sasl_username" and set(applies) != {"relay.allow.authenticated"}:
+            raise self.error(
+                f"{path}.key",
+                key_node,
+                "sasl_username only exists for relay.allow.authenticated: apply this limit to "
+                "that rule only, or key it by client_address or client_network",
+            )
+        count: CountKind = "recipients"
+        if "count" in section:
+            count = self.choice(section["count"][1], f"{path}.count", COUNT_KINDS)
+        burst = 1
+        if "burst" in section:
+            burst_node = section["burst"][1]
+            value = self.number(burst_node, f"{path}.burst", 1, 1_000_000)
+            if value != int(value):
+                raise self.error(f"{path}.burst", burst_node, "must be a whole number")
+            burst = int(value)
+        rate_node = section["rate"][1]
+        try:
+            rate = parse_rate(self.string(rate_node, f"{path}.rate"), burst)
+        except RateError as err:
+            raise self.error(f"{path}.rate", rate_node, str(err)) from None
+        action: LimitAction = "defer"
+        if "action" in section:
+            action = self.choice(section["action"][1], f"{path}.action", LIMIT_ACTIONS)
+        reply = DEFAULT_REPLIES[action]
+        if "reply" in section:
+            reply_node = section["reply"][1]
+            reply = self.string(reply_node, f"{path}.reply").strip()
+            problem = _check_limit_reply(action, reply)
+            if problem:
+                raise self.error(f"{path}.reply", reply_node, f"{reply!r} {problem}")
+        return Limit(name, frozenset(applies), key, count, rate, action, reply)
 
     def outbound(self, node: Node, local_domains: DomainSet) -> Outbound:
         section = self.mapping(node, "outbound", ("default", "domains", "transport_table"))
@@ -853,6 +1038,22 @@ def _check_nexthop(text: str) -> str | None:
 def _sasl_username(text: str) -> str:
     """SASL names in the never-list match case-insensitively: the stricter choice."""
     return text.casefold()
+
+
+_LIMIT_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+
+
+def _check_limit_reply(action: str, reply: str) -> str | None:
+    """A limit's reply must do what its action says: defer 4xx, reject 5xx, hold HOLD."""
+    match = _REJECT_CODE.match(reply)
+    if action == "hold":
+        return None if reply.split(" ", 1)[0].upper() == "HOLD" else "must start with HOLD"
+    wanted = "4" if action == "defer" else "5"
+    if match is None or not match["code"].startswith(wanted):
+        return f"must be '{wanted}NN X.Y.Z text' for action {action}"
+    if match["dsn"] and match["dsn"][0] != wanted:
+        return "has a DSN class that does not match its reply code"
+    return None
 
 
 # Reply checks: each returns None when the action is acceptable for that verdict, else a reason.

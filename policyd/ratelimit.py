@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from policyd.networks import NetworkSet
+from policyd.outbound import Secret
 
 #: Microseconds per unit of a rate's period.
 UNITS = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
@@ -155,3 +159,66 @@ class MemoryStore:
                 del tats[next(iter(tats))]  # insertion order: the least recently charged
         tats.pop(item, None)  # re-insert at the end: most recently charged
         tats[item] = tat
+
+
+# -- configuration (the ``rate_limits`` section, PRODUCT.md §8) ---------------------------------
+
+#: The allow rules a limit may apply to (key paths, as decisions name them).
+ALLOW_RULES = (
+    "relay.allow.authenticated",
+    "relay.allow.client_networks",
+    "relay.allow.server_addresses",
+)
+LimitKey = Literal["sasl_username", "client_address", "client_network"]
+LIMIT_KEYS: tuple[LimitKey, ...] = ("sasl_username", "client_address", "client_network")
+CountKind = Literal["messages", "recipients"]
+COUNT_KINDS: tuple[CountKind, ...] = ("messages", "recipients")
+LimitAction = Literal["defer", "reject", "hold"]
+LIMIT_ACTIONS: tuple[LimitAction, ...] = ("defer", "reject", "hold")
+BackendErrorPolicy = Literal["local", "defer", "allow"]
+BACKEND_ERROR_POLICIES: tuple[BackendErrorPolicy, ...] = ("local", "defer", "allow")
+#: The reply of each action when the limit gives none.
+DEFAULT_REPLIES: dict[str, str] = {
+    "defer": "450 4.7.1 Sending limit exceeded, try again later",
+    "reject": "550 5.7.1 Sending limit exceeded",
+    "hold": "HOLD sending limit exceeded",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One entry of ``rate_limits.limits``."""
+
+    name: str
+    applies_to: frozenset[str]
+    key: LimitKey
+    count: CountKind
+    rate: Rate
+    action: LimitAction = "defer"
+    reply: str = DEFAULT_REPLIES["defer"]
+
+    @property
+    def rule(self) -> str:
+        """The rule key path a decision this limit deferred carries."""
+        return f"rate_limits.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBackend:
+    """``rate_limits.backend: {redis: ...}``: shared state for several MX hosts."""
+
+    address: str  # "unix:/run/redis/redis.sock" or "inet:HOST:PORT"
+    username: str = ""
+    password: Secret | None = None
+    timeout_seconds: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The ``rate_limits`` section, compiled. No limits: nothing is counted."""
+
+    backend: Literal["memory"] | RedisBackend = "memory"
+    on_backend_error: BackendErrorPolicy = "local"
+    exempt_client_networks: NetworkSet = field(default_factory=lambda: NetworkSet(()))
+    exempt_sasl_usernames: frozenset[str] = frozenset()
+    limits: tuple[Limit, ...] = ()
