@@ -25,6 +25,7 @@ arithmetic in one atomic Redis script.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Literal
 
 from policyd.networks import NetworkSet
 from policyd.outbound import Secret
+from policyd.request import PolicyRequest
 
 #: Microseconds per unit of a rate's period.
 UNITS = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
@@ -222,3 +224,46 @@ class RateLimits:
     exempt_client_networks: NetworkSet = field(default_factory=lambda: NetworkSet(()))
     exempt_sasl_usernames: frozenset[str] = frozenset()
     limits: tuple[Limit, ...] = ()
+
+
+# -- which limits a request meets, and under which key -----------------------------------------
+
+
+def limit_key(limit: Limit, request: PolicyRequest) -> str | None:
+    """The key ``limit`` counts ``request`` under, or None when the request has none (no login
+    for ``sasl_username``, an unparseable client address for the others).
+
+    ``sasl_username`` is lowercased; ``client_network`` is the /24 of an IPv4 client and the
+    /64 of an IPv6 one (an IPv4-mapped IPv6 client already counts as IPv4).
+    """
+    if limit.key == "sasl_username":
+        return request.sasl_username.lower() or None
+    address = request.client_ip
+    if address is None:
+        return None
+    if limit.key == "client_address":
+        return str(address)
+    prefix = 24 if address.version == 4 else 64
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def applicable(limits: RateLimits, rule: str, request: PolicyRequest) -> list[tuple[Limit, str]]:
+    """The (limit, key) pairs that count an allowed relay decided by ``rule``.
+
+    None when the client or the login is exempt; a limit whose key the request lacks is
+    skipped.
+    """
+    if not limits.limits:
+        return []
+    if request.client_ip is not None and request.client_ip in limits.exempt_client_networks:
+        return []
+    login = request.sasl_username.lower()
+    if login and login in limits.exempt_sasl_usernames:
+        return []
+    found = []
+    for limit in limits.limits:
+        if rule in limit.applies_to:
+            key = limit_key(limit, request)
+            if key is not None:
+                found.append((limit, key))
+    return found

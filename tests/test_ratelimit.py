@@ -6,7 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd.ratelimit import MemoryStore, Rate, RateError, check, parse_rate, remaining
+from policyd.config import parse_config
+from policyd.ratelimit import (
+    MemoryStore,
+    Rate,
+    RateError,
+    RateLimits,
+    applicable,
+    check,
+    parse_rate,
+    remaining,
+)
+from policyd.request import PolicyRequest
 
 HOUR = 3_600_000_000
 T0 = 1_796_000_000_000_000  # an arbitrary "now" in microseconds since the epoch
@@ -149,3 +160,52 @@ def test_store_is_bounded_and_drops_full_buckets_first() -> None:
     for n in range(10):
         assert store.check_and_charge([("l", f"flood{n}", rate)], T0 + 2_000_000)[0].allowed
         assert len(store) <= 3
+
+
+def _limits(text: str) -> RateLimits:
+    base = 'listen: {policy: "inet:127.0.0.1:10040"}\nlocal_domains: [local.example]\n'
+    return parse_config(base + text).rate_limits
+
+
+LIMITS = """
+rate_limits:
+  exempt: {client_networks: [192.0.2.0/28], sasl_usernames: [Boss@local.example]}
+  limits:
+    - {name: login, applies_to: [relay.allow.authenticated], key: sasl_username, rate: 10/1h}
+    - {name: host, applies_to: [relay.allow.authenticated, relay.allow.client_networks],
+       key: client_address, rate: 10/1h}
+    - {name: net, applies_to: [relay.allow.client_networks], key: client_network, rate: 10/1h}
+"""
+
+
+def _request(client: str, login: str = "") -> PolicyRequest:
+    return PolicyRequest.from_attributes(
+        {"protocol_state": "RCPT", "client_address": client, "sasl_username": login}
+    )
+
+
+def test_keys_per_limit_kind() -> None:
+    limits = _limits(LIMITS)
+    pairs = applicable(limits, "relay.allow.authenticated", _request("198.51.100.7", "Alice@X"))
+    assert [(limit.name, key) for limit, key in pairs] == [
+        ("login", "alice@x"),
+        ("host", "198.51.100.7"),
+    ]
+    pairs = applicable(limits, "relay.allow.client_networks", _request("::ffff:198.51.100.7"))
+    assert [(limit.name, key) for limit, key in pairs] == [
+        ("host", "198.51.100.7"),  # IPv4-mapped counts as IPv4
+        ("net", "198.51.100.0/24"),
+    ]
+    pairs = applicable(limits, "relay.allow.client_networks", _request("2001:db8:1:2:3::4"))
+    assert [key for _, key in pairs] == ["2001:db8:1:2:3::4", "2001:db8:1:2::/64"]
+
+
+def test_exempt_and_unrelated_rules_count_nothing() -> None:
+    limits = _limits(LIMITS)
+    assert applicable(limits, "relay.allow.client_networks", _request("192.0.2.9")) == []
+    authenticated = _request("198.51.100.7", "boss@LOCAL.example")
+    assert applicable(limits, "relay.allow.authenticated", authenticated) == []
+    assert applicable(limits, "relay.allow.server_addresses", _request("198.51.100.7")) == []
+    # No parseable client address: the address-keyed limits have no key and are skipped.
+    pairs = applicable(limits, "relay.allow.authenticated", _request("unknown", "alice"))
+    assert [limit.name for limit, _ in pairs] == ["login"]
