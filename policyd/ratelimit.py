@@ -267,3 +267,61 @@ def applicable(limits: RateLimits, rule: str, request: PolicyRequest) -> list[tu
             if key is not None:
                 found.append((limit, key))
     return found
+
+
+# -- the limiter: every applicable limit, checked and charged at once ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the limits said about one allowed relay."""
+
+    #: The first limit (in configuration order) that refused; None when all allowed.
+    limited: Limit | None
+    #: Each limit checked, with its result (a ``messages`` limit already charged for this
+    #: message is not checked again and is not listed).
+    checks: tuple[tuple[Limit, Check], ...] = ()
+
+
+class Limiter:
+    """Applies ``RateLimits`` to allowed relays, with the state in ``store``.
+
+    ``messages`` limits count the first allowed relayed recipient of each Postfix ``instance``
+    (one per message); later recipients of a message that was counted pass those limits
+    without being checked again. A request without ``instance`` counts as a message of its own.
+    The (limit, key, instance) triples already counted are remembered up to ``max_messages``.
+    """
+
+    def __init__(self, limits: RateLimits, store: MemoryStore, max_messages: int = 100_000) -> None:
+        self.limits = limits
+        self.store = store
+        self.max_messages = max_messages
+        self._counted: dict[tuple[str, str, str], None] = {}
+
+    def charge(self, rule: str, request: PolicyRequest, now_us: int) -> Outcome:
+        """Check and charge, all or nothing, the limits an allowed relay by ``rule`` meets."""
+        todo: list[tuple[Limit, str]] = []
+        messages: list[tuple[str, str, str]] = []
+        for limit, key in applicable(self.limits, rule, request):
+            if limit.count == "messages" and request.instance:
+                counted = (limit.name, key, request.instance)
+                if counted in self._counted:
+                    continue
+                messages.append(counted)
+            todo.append((limit, key))
+        if not todo:
+            return Outcome(None)
+        results = self.store.check_and_charge(
+            [(limit.name, key, limit.rate) for limit, key in todo], now_us
+        )
+        checks = tuple((limit, result) for (limit, _), result in zip(todo, results, strict=True))
+        refused = next((limit for limit, result in checks if not result.allowed), None)
+        if refused is None:
+            for counted in messages:
+                self._remember(counted)
+        return Outcome(refused, checks)
+
+    def _remember(self, counted: tuple[str, str, str]) -> None:
+        if len(self._counted) >= self.max_messages:
+            del self._counted[next(iter(self._counted))]
+        self._counted[counted] = None

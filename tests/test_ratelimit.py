@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from policyd.config import parse_config
 from policyd.ratelimit import (
+    Limiter,
     MemoryStore,
+    Outcome,
     Rate,
     RateError,
     RateLimits,
@@ -209,3 +211,68 @@ def test_exempt_and_unrelated_rules_count_nothing() -> None:
     # No parseable client address: the address-keyed limits have no key and are skipped.
     pairs = applicable(limits, "relay.allow.authenticated", _request("unknown", "alice"))
     assert [limit.name for limit, _ in pairs] == ["login"]
+
+
+def _rcpt(login: str, instance: str, client: str = "198.51.100.7") -> PolicyRequest:
+    return PolicyRequest.from_attributes(
+        {
+            "protocol_state": "RCPT",
+            "client_address": client,
+            "sasl_username": login,
+            "instance": instance,
+        }
+    )
+
+
+AUTH = "relay.allow.authenticated"
+
+
+def test_messages_are_counted_once_per_instance() -> None:
+    """count: messages, 2/1h: a message of any number of recipients costs one."""
+    limiter = Limiter(
+        _limits(
+            "rate_limits:\n  limits:\n    - {name: msgs, applies_to: [relay.allow.authenticated],"
+            " key: sasl_username, count: messages, rate: 2/1h, burst: 2}\n"
+        ),
+        MemoryStore(),
+    )
+    for recipient in range(5):  # message a: five recipients
+        assert limiter.charge(AUTH, _rcpt("alice", "a"), T0 + recipient).limited is None
+    assert limiter.charge(AUTH, _rcpt("alice", "b"), T0 + 10).limited is None  # message b
+    refused = limiter.charge(AUTH, _rcpt("alice", "c"), T0 + 20)  # message c: over
+    assert refused.limited is not None and refused.limited.name == "msgs"
+    # Recipients of the messages already counted still pass; bob has his own budget.
+    assert limiter.charge(AUTH, _rcpt("alice", "a"), T0 + 30).limited is None
+    assert limiter.charge(AUTH, _rcpt("bob", "c"), T0 + 40).limited is None
+
+
+def test_recipients_limit_and_message_limit_all_or_nothing() -> None:
+    """When the recipient limit refuses, the message is not counted: its next recipient is
+    checked against the message limit again (and the refused attempt cost nothing)."""
+    limiter = Limiter(
+        _limits(
+            "rate_limits:\n  limits:\n"
+            "    - {name: msgs, applies_to: [relay.allow.authenticated], key: sasl_username,"
+            " count: messages, rate: 10/1h, burst: 10}\n"
+            "    - {name: rcpts, applies_to: [relay.allow.authenticated], key: client_address,"
+            " count: recipients, rate: 1/1h}\n"
+        ),
+        MemoryStore(),
+    )
+    first = limiter.charge(AUTH, _rcpt("alice", "a"), T0)
+    assert first.limited is None and [limit.name for limit, _ in first.checks] == [
+        "msgs",
+        "rcpts",
+    ]
+    second = limiter.charge(AUTH, _rcpt("alice", "b"), T0 + 1)
+    assert second.limited is not None and second.limited.name == "rcpts"
+    msgs_check = dict((limit.name, result) for limit, result in second.checks)["msgs"]
+    assert msgs_check.allowed and msgs_check.remaining == 9  # b not charged
+    third = limiter.charge(AUTH, _rcpt("alice", "b"), T0 + 2)
+    assert [limit.name for limit, _ in third.checks] == ["msgs", "rcpts"]  # b checked again
+
+
+def test_no_applicable_limit_is_no_work() -> None:
+    limiter = Limiter(_limits(LIMITS), MemoryStore())
+    outcome = limiter.charge("relay.allow.server_addresses", _rcpt("", "x"), T0)
+    assert outcome == Outcome(None)
