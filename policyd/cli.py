@@ -223,7 +223,7 @@ def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err
     decision = decide(config, request)
     print(f"action: {decision.action}", file=out)
     print(f"verdict: {decision.verdict.value}", file=out)
-    print(f"rule: {decision.rule.value}", file=out)
+    print(f"rule: {decision.rule}", file=out)
     print(f"destination: {decision.destination or '-'}", file=out)
     if decision.outbound is not None:
         print(f"outbound: {decision.outbound.describe()}", file=out)
@@ -233,6 +233,12 @@ def explain(path: str, arguments: Sequence[str], stdin: TextIO, out: TextIO, err
     else:
         print("outbound: - (not relayed)", file=out)
     print(f"transport: {_transport_line(config, decision.destination)}", file=out)
+    if decision.verdict.value == "allowed":
+        from policyd.ratelimit import applicable
+
+        pairs = applicable(config.rate_limits, str(decision.rule), request)
+        shown = ", ".join(f"{limit.name} (key {key})" for limit, key in pairs)
+        print(f"rate_limits: {shown or '- (none applies)'} (not charged)", file=out)
     if decision.warn_only:
         print("mode: warn (would be denied in enforce mode)", file=out)
     return EXIT_OK

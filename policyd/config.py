@@ -639,10 +639,10 @@ class _Builder:
                         f"{path}.limits[{index}].name", item, f"duplicate name {limit.name!r}"
                     )
                 limits.append(limit)
-        if limits:
+        if limits and isinstance(backend, RedisBackend):
             self.warnings.append(
-                "rate_limits: this version of policyd validates the limits but does not enforce "
-                "them yet; every allowed relay is still answered as allowed"
+                "rate_limits.backend: this version of policyd has no Redis client yet; the "
+                "limits are enforced per process (as on_backend_error: local would)"
             )
         return RateLimits(
             backend=backend,

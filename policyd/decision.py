@@ -22,6 +22,7 @@ class Verdict(StrEnum):
     LOCAL = "local"
     ALLOWED = "allowed"
     DENIED = "denied"
+    DEFERRED = "deferred"  # allowed, but over a sending limit (rule rate_limits.NAME)
     SKIPPED = "skipped"
     ERROR = "error"
 
@@ -51,7 +52,8 @@ class Decision(NamedTuple):
 
     action: str
     verdict: Verdict
-    rule: Rule
+    #: A Rule, or ``rate_limits.NAME`` (a str) for a relay a sending limit deferred.
+    rule: Rule | str
     destination: str | None = None
     warn_only: bool = False
     outbound: OutboundProfile | None = None

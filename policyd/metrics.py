@@ -116,7 +116,7 @@ class RequestCounts:
         self.requests = 0
         #: Requests by protocol_state: Postfix's names, and ``other`` (bounded).
         self.states: dict[str, int] = dict.fromkeys((*PROTOCOL_STATES, "other"), 0)
-        self.decisions: dict[tuple[Verdict, Rule], int] = dict.fromkeys(DECISION_LABELS, 0)
+        self.decisions: dict[tuple[Verdict, Rule | str], int] = dict.fromkeys(DECISION_LABELS, 0)
         self.outbound: dict[AuthKind, int] = dict.fromkeys(AUTH_KINDS, 0)
         self.lookups: dict[tuple[str, str], int] = dict.fromkeys(LOOKUP_LABELS, 0)
         # One count per bucket (not cumulative), the last one for values above every bound.
@@ -156,7 +156,7 @@ class _RequestCountsCollector:
             "policyd_decisions",
             "Policy decisions by verdict and by the configuration rule (key path) that decided.",
             ["verdict", "rule"],
-            [([v.value, r.value], n) for (v, r), n in counts.decisions.copy().items()],
+            [([str(v), str(r)], n) for (v, r), n in counts.decisions.copy().items()],
         )
         cumulative = 0
         buckets = []

@@ -30,6 +30,7 @@ from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.logs import Event, make_record, quote_value
 from policyd.metrics import CONFIG_LISTS, Metrics, set_config_info
 from policyd.protocol import PolicyFactory
+from policyd.ratelimit import Limiter, MemoryStore
 from policyd.request import PolicyRequest
 from policyd.socketmap import SocketmapFactory
 from policyd.transport_table import TableWrite, TableWriteError, write_transport_table
@@ -43,6 +44,7 @@ SHUTDOWN_GRACE_SECONDS = 3.0
 
 # Looked up once: reading an Enum member off its class is slow in Python 3.11 (see decision.py).
 _DENIED, _ERROR = Verdict.DENIED, Verdict.ERROR
+_ALLOWED, _DEFERRED = Verdict.ALLOWED, Verdict.DEFERRED
 
 
 class PolicyService:
@@ -65,6 +67,8 @@ class PolicyService:
         self.metrics = metrics
         self.counts = metrics.counts
         self.log_all_decisions = log_all_decisions
+        self.limiter = Limiter(config.rate_limits, MemoryStore())
+        self._count_limits(config)
         self.factory = PolicyFactory(
             self.handle,
             self.report_protocol_error,
@@ -105,6 +109,8 @@ class PolicyService:
         except Exception:
             log.exception("internal error while deciding; answering replies.error")
             decision = error_decision(config)
+        if decision.verdict is _ALLOWED and self.limiter.limits.limits:
+            decision = self._apply_limits(decision, request)
         counts = self.counts
         counts.requests += 1
         states = counts.states
@@ -115,19 +121,46 @@ class PolicyService:
         key = (decision.verdict, decision.rule)
         decisions = counts.decisions
         decisions[key] = decisions.get(key, 0) + 1
-        if decision.outbound is not None:
+        if decision.outbound is not None and decision.verdict is _ALLOWED:
             counts.outbound[decision.outbound.auth] += 1
         verdict = decision.verdict
-        if verdict is _DENIED or verdict is _ERROR or self.log_all_decisions:
+        if (
+            verdict is _DENIED
+            or verdict is _DEFERRED
+            or verdict is _ERROR
+            or self.log_all_decisions
+        ):
             self.log_decision(attributes, decision)
         counts.observe(perf_counter() - started)
         return decision.action
 
+    def _apply_limits(self, decision: Decision, request: PolicyRequest) -> Decision:
+        """An allowed relay, checked and charged against the sending limits that apply."""
+        now_us = int(self.reactor.seconds() * 1_000_000)
+        outcome = self.limiter.charge(str(decision.rule), request, now_us)
+        limit = outcome.limited
+        if limit is None:
+            return decision
+        # Deferred: the limit's reply; the outbound profile stays recorded.
+        return Decision(
+            limit.reply,
+            Verdict.DEFERRED,
+            limit.rule,
+            decision.destination,
+            False,
+            decision.outbound,
+        )
+
+    def _count_limits(self, config: Config) -> None:
+        """Start the deferred series of every configured limit at zero (never removed)."""
+        for limit in config.rate_limits.limits:
+            self.counts.decisions.setdefault((Verdict.DEFERRED, limit.rule), 0)
+
     def log_decision(self, attributes: Mapping[str, str], decision: Decision) -> None:
-        """One key=value line: denials and errors always, the rest with verbose logging."""
+        """One key=value line: denials, deferrals and errors always, the rest with verbose."""
         if decision.verdict is Verdict.ERROR:
             level = logging.WARNING
-        elif decision.verdict is Verdict.DENIED or self.log_all_decisions:
+        elif decision.verdict in (Verdict.DENIED, Verdict.DEFERRED) or self.log_all_decisions:
             level = logging.INFO
         else:
             return
@@ -275,6 +308,9 @@ class PolicyService:
             )
         self.config = config
         self.factory.limits = config.limits
+        # The limits' state (per limit name and key) carries over; new limits start full.
+        self.limiter.limits = config.rate_limits
+        self._count_limits(config)
         self.record_table_write(written)
         self.last_reload = "succeeded"
         set_config_info(self.metrics, config.digest)

@@ -152,3 +152,22 @@ def test_explain_names_outbound_profile(tmp_path: Path) -> None:
     ) in result.stdout.splitlines()
     check = policyd("check-config", "--config", str(config))
     assert "hunter2-not-shown" not in result.stdout + result.stderr + check.stdout + check.stderr
+
+
+def test_explain_shows_the_limits_that_would_apply(tmp_path: Path) -> None:
+    """explain names each sending limit an allowed relay meets, with its key; charges none."""
+    path = tmp_path / "policyd.yaml"
+    path.write_text(
+        'listen: {policy: "inet:127.0.0.1:10040"}\nlocal_domains: [local.example]\n'
+        "relay: {allow: {client_networks: [192.0.2.0/24]}}\n"
+        "rate_limits:\n  limits:\n"
+        "    - {name: host, applies_to: [relay.allow.client_networks], key: client_network,"
+        " rate: 1/1h}\n"
+    )
+    for _ in range(2):  # a 1/1h limit, asked twice: nothing is charged
+        result = policyd(
+            "explain", "--config", str(path), "client_address=192.0.2.7", "recipient=u@x.example"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "verdict: allowed" in result.stdout
+        assert "rate_limits: host (key 192.0.2.0/24) (not charged)" in result.stdout

@@ -57,8 +57,7 @@ rate_limits:
     assert user.reply == DEFAULT_REPLIES["defer"] and user.rule == "rate_limits.user-hour"
     assert tripwire.count == "recipients" and tripwire.rate.burst == 1
     assert tripwire.action == "hold" and tripwire.reply.startswith("HOLD ")
-    # Said at start and on reload until the limits are enforced.
-    assert any("does not enforce them yet" in w for w in config.warnings)
+    assert config.warnings == ()  # memory backend: enforced as configured
 
 
 def test_no_section_means_no_limits() -> None:
@@ -80,6 +79,15 @@ def test_redis_backend(tmp_path: Path) -> None:
     assert backend.password is not None and backend.password.reveal() == "pw"
     assert backend.timeout_seconds == 0.02
     assert "pw" not in repr(backend)
+
+
+def test_redis_backend_without_a_client_says_limits_are_per_process() -> None:
+    config = parse_config(
+        BASE + "rate_limits:\n  backend: {redis: 'inet:127.0.0.1:6379'}\n  limits:\n"
+        "    - {name: n, applies_to: [relay.allow.client_networks], key: client_address,"
+        " rate: 1/1h}\n"
+    )
+    assert any("enforced per process" in warning for warning in config.warnings)
 
 
 LIMIT = (

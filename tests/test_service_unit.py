@@ -273,3 +273,57 @@ def test_config_digest_leaves_password_files_out(tmp_path: Path) -> None:
     first = load_config(tmp_path / "policyd.yaml").digest
     secret.write_text("two\n")
     assert load_config(tmp_path / "policyd.yaml").digest == first
+
+
+LIMITED = """
+listen: {policy: "inet:127.0.0.1:10040"}
+local_domains: [local.example]
+relay: {allow: {client_networks: [192.0.2.0/24]}}
+rate_limits:
+  limits:
+    - {name: host, applies_to: [relay.allow.client_networks], key: client_address,
+       rate: 2/1h, burst: 2}
+"""
+
+
+def test_sending_limit_defers_allowed_relays_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over its limit an allowed client is deferred (450, rule rate_limits.host); local mail
+    and denials are untouched and not counted; time refills the budget."""
+    path = tmp_path / "policyd.yaml"
+    path.write_text(LIMITED)
+    service = make_service(path)
+    allowed = {**RELAY, "client_address": "192.0.2.7"}
+    with caplog.at_level(logging.INFO, logger="policyd.decision"):
+        assert service.handle(allowed) == "OK"
+        assert service.handle({**allowed, "recipient": "u@local.example"}) == "DUNNO"
+        assert service.handle(allowed) == "OK"
+        assert service.handle(allowed) == "450 4.7.1 Sending limit exceeded, try again later"
+        assert service.handle(RELAY) == "550 5.7.1 Relaying Denied"  # denial stays a denial
+        assert service.handle({**allowed, "client_address": "192.0.2.8"}) == "OK"  # own key
+    name = "policyd_decisions_total"
+    assert sample(service, name, verdict="deferred", rule="rate_limits.host") == 1
+    assert sample(service, name, verdict="allowed", rule="relay.allow.client_networks") == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "policyd.decision"]
+    assert any("verdict=deferred rule=rate_limits.host" in line for line in lines)
+    # A refused attempt cost nothing: one interval (30 minutes) later one more passes.
+    assert isinstance(service.reactor, MemoryReactorClock)
+    service.reactor.advance(1800)
+    assert service.handle(allowed) == "OK"
+    assert service.handle(allowed).startswith("450 ")
+
+
+def test_reload_keeps_the_limit_state(tmp_path: Path) -> None:
+    path = tmp_path / "policyd.yaml"
+    path.write_text(LIMITED)
+    service = make_service(path)
+    allowed = {**RELAY, "client_address": "192.0.2.7"}
+    assert [service.handle(allowed) for _ in range(3)][-1].startswith("450 ")
+    assert service.reload()
+    assert service.handle(allowed).startswith("450 ")  # still over after a reload
+    # The key's state is kept as it is (its bucket is empty until an hour from now, in
+    # absolute time); a new limit whose tolerance reaches that far lets it send again.
+    path.write_text(LIMITED.replace("rate: 2/1h, burst: 2", "rate: 10/1h, burst: 20"))
+    assert service.reload()
+    assert service.handle(allowed) == "OK"
