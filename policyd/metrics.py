@@ -106,6 +106,7 @@ class RequestCounts:
         "decisions",
         "duration_buckets",
         "duration_sum",
+        "limit_checks",
         "lookups",
         "outbound",
         "requests",
@@ -114,6 +115,8 @@ class RequestCounts:
 
     def __init__(self) -> None:
         self.requests = 0
+        #: Sending-limit checks by (limit name, result): allowed or limited.
+        self.limit_checks: dict[tuple[str, str], int] = {}
         #: Requests by protocol_state: Postfix's names, and ``other`` (bounded).
         self.states: dict[str, int] = dict.fromkeys((*PROTOCOL_STATES, "other"), 0)
         self.decisions: dict[tuple[Verdict, Rule | str], int] = dict.fromkeys(DECISION_LABELS, 0)
@@ -174,6 +177,14 @@ class _RequestCountsCollector:
             "Allowed relay decisions by the outbound authentication their recipient domain uses.",
             ["auth"],
             [([auth], n) for auth, n in counts.outbound.copy().items()],
+        )
+        yield _counter(
+            "policyd_rate_limit_checks",
+            "Sending-limit checks of allowed relays, by limit name and that limit's own result "
+            "(allowed, or limited: over this limit). All or nothing: when one limit is over, "
+            "the others that allowed are not charged.",
+            ["limit", "result"],
+            [(list(key), n) for key, n in counts.limit_checks.copy().items()],
         )
         yield _counter(
             "policyd_socketmap_lookups",

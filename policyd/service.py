@@ -139,6 +139,10 @@ class PolicyService:
         now_us = int(self.reactor.seconds() * 1_000_000)
         outcome = self.limiter.charge(str(decision.rule), request, now_us)
         limit = outcome.limited
+        checks = self.counts.limit_checks
+        for checked, check in outcome.checks:
+            key = (checked.name, "allowed" if check.allowed else "limited")
+            checks[key] = checks.get(key, 0) + 1
         if limit is None:
             return decision
         # Deferred: the limit's reply; the outbound profile stays recorded.
@@ -155,6 +159,8 @@ class PolicyService:
         """Start the deferred series of every configured limit at zero (never removed)."""
         for limit in config.rate_limits.limits:
             self.counts.decisions.setdefault((Verdict.DEFERRED, limit.rule), 0)
+            for result in ("allowed", "limited"):
+                self.counts.limit_checks.setdefault((limit.name, result), 0)
 
     def log_decision(self, attributes: Mapping[str, str], decision: Decision) -> None:
         """One key=value line: denials, deferrals and errors always, the rest with verbose."""

@@ -305,6 +305,9 @@ def test_sending_limit_defers_allowed_relays_only(
     name = "policyd_decisions_total"
     assert sample(service, name, verdict="deferred", rule="rate_limits.host") == 1
     assert sample(service, name, verdict="allowed", rule="relay.allow.client_networks") == 3
+    checks = "policyd_rate_limit_checks_total"
+    assert sample(service, checks, limit="host", result="allowed") == 3
+    assert sample(service, checks, limit="host", result="limited") == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "policyd.decision"]
     assert any("verdict=deferred rule=rate_limits.host" in line for line in lines)
     # A refused attempt cost nothing: one interval (30 minutes) later one more passes.
