@@ -109,9 +109,11 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         """The timer ran out: a request took too long, or the connection may have idled.
 
-        Answering a request that came whole (the common case) only notes the time instead of
-        re-arming the idle timer (``DelayedCall.reset`` is the costlier half of that): when
-        the timer runs out, a connection that was busy since waits the rest of its idle time.
+        Answering a request only notes the time the connection became idle instead of
+        re-arming the timer (``DelayedCall.reset`` costs more than the rest of a whole
+        request's framing): when the timer runs out, an idle connection that was busy since
+        waits the rest of its idle time. Only a request that starts arriving re-arms it, with
+        the request timeout.
         """
         if not self.idle:
             self._fail("request_timeout")
@@ -142,7 +144,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             # The common case (Postfix waits for each reply): exactly one whole request,
             # nothing held from before. The general framing below would answer it the same.
             if self._answer(data[:-2]):
-                self._idle_since = self._seconds()  # the idle timer is running: see above
+                self._idle_since = self._seconds()  # see timeoutConnection
             return
         answered = self._answered
         was_idle = self.idle
@@ -178,10 +180,9 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 return
         if self.idle:
             if self._answered != answered:
+                # The timer running (idle or request) re-arms itself for the rest of the idle
+                # time when it runs out: see timeoutConnection.
                 self._idle_since = self._seconds()
-                self.setTimeout(  # type: ignore[no-untyped-call]
-                    limits.idle_timeout_seconds
-                )
         elif was_idle or self._answered != answered:
             self.setTimeout(  # type: ignore[no-untyped-call]
                 limits.request_timeout_seconds

@@ -6,6 +6,9 @@ import shutil
 
 import pytest
 
+#: Debian's postmap (the transport-table tests run it; Postfix is installed by make test).
+POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
+
 
 def require(tool: str, package: str) -> str:
     """The path of ``tool``; fails the test (never skips it) when it is not installed."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -24,8 +23,8 @@ from policyd.transport_table import (
     render,
     write_transport_table,
 )
+from tests.system_tools import POSTMAP
 
-POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
 ROWS = (
     ("*", "policyd-none:[127.0.0.33]:25"),
     (".local.example", ":"),
@@ -34,16 +33,6 @@ ROWS = (
     ("partner.example", "policyd-cleartext:[127.0.0.31]:2525"),
     ("xn--bcher-kva.example", "policyd-ntlm:xn--bcher-kva.example"),
 )
-
-
-@pytest.fixture(scope="module")
-def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Postfix config directory for postmap (it needs a readable main.cf, nothing more)."""
-    if not Path(POSTMAP).is_file():
-        pytest.fail("postmap not found: run `make test` to install Postfix", pytrace=False)
-    directory = tmp_path_factory.mktemp("postfix-etc")
-    (directory / "main.cf").write_text("compatibility_level = 3.7\n")
-    return directory
 
 
 @pytest.fixture

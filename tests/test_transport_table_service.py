@@ -8,7 +8,6 @@ writes it before the new rules are swapped in, and a failed write fails the relo
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,23 +24,12 @@ from policyd.service import PolicyService
 from tests.e2e.policyd_process import PolicydProcess
 from tests.e2e.postfix import free_port
 
-POSTMAP = shutil.which("postmap") or "/usr/sbin/postmap"
-
 RELAY = {
     "request": "smtpd_access_policy",
     "protocol_state": "RCPT",
     "client_address": "198.51.100.7",
     "recipient": "user@remote.example",
 }
-
-
-@pytest.fixture(scope="module")
-def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not Path(POSTMAP).is_file():
-        pytest.fail("postmap not found: run `make test` to install Postfix", pytrace=False)
-    directory = tmp_path_factory.mktemp("postfix-etc")
-    (directory / "main.cf").write_text("compatibility_level = 3.7\n")
-    return directory
 
 
 def config_text(postfix_dir: Path, *, nexthop: str, networks: str, postmap: str = "") -> str:
