@@ -639,11 +639,6 @@ class _Builder:
                         f"{path}.limits[{index}].name", item, f"duplicate name {limit.name!r}"
                     )
                 limits.append(limit)
-        if limits and isinstance(backend, RedisBackend):
-            self.warnings.append(
-                "rate_limits.backend: this version of policyd has no Redis client yet; the "
-                "limits are enforced per process (as on_backend_error: local would)"
-            )
         return RateLimits(
             backend=backend,
             on_backend_error=on_error,

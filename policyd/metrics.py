@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 import twisted
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -25,6 +25,11 @@ from policyd.decision import Rule, Verdict
 from policyd.outbound import AUTH_KINDS, AuthKind
 from policyd.protocol import REASONS
 from policyd.socketmap import REASONS as SOCKETMAP_REASONS
+
+#: Why a call to the shared sending-limit store failed (redis_store.BackendError.reason).
+BACKEND_ERROR_REASONS = ("connection", "timeout", "response")
+#: Bounds of policyd_rate_limit_backend_duration_seconds: 100 us to the largest deadline (1 s).
+BACKEND_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # A decision takes microseconds; the buckets still reach far enough to show a stalled reactor.
 DURATION_BUCKETS = (
@@ -115,7 +120,7 @@ class RequestCounts:
 
     def __init__(self) -> None:
         self.requests = 0
-        #: Sending-limit checks by (limit name, result): allowed or limited.
+        #: Sending-limit checks by (limit name, result): allowed, limited, degraded, error.
         self.limit_checks: dict[tuple[str, str], int] = {}
         #: Requests by protocol_state: Postfix's names, and ``other`` (bounded).
         self.states: dict[str, int] = dict.fromkeys((*PROTOCOL_STATES, "other"), 0)
@@ -180,9 +185,11 @@ class _RequestCountsCollector:
         )
         yield _counter(
             "policyd_rate_limit_checks",
-            "Sending-limit checks of allowed relays, by limit name and that limit's own result "
-            "(allowed, or limited: over this limit). All or nothing: when one limit is over, "
-            "the others that allowed are not charged.",
+            "Sending-limit checks of allowed relays, by limit name and that limit's own result: "
+            "allowed, limited (over this limit), degraded (judged by the per-process fallback "
+            "while the shared store is down), error (not judged: the store is down and "
+            "on_backend_error is defer or allow). All or nothing: when one limit is over, the "
+            "others that allowed are not charged.",
             ["limit", "result"],
             [(list(key), n) for key, n in counts.limit_checks.copy().items()],
         )
@@ -295,3 +302,33 @@ class Metrics:
         )
         for result in ("written", "unchanged", "failure"):
             self.transport_table_writes.labels(result=result)
+        # -- the shared sending-limit store (rate_limits.backend: redis) ---------------------
+        # Present, at 0, also without one: the alerts and dashboard read them unconditionally.
+        self.rate_limit_backend_up = Gauge(
+            "policyd_rate_limit_backend_up",
+            "1 while policyd holds a working connection to the shared sending-limit store "
+            "(Redis), else 0 (always 0 with backend: memory).",
+            registry=registry,
+        )
+        self.rate_limit_backend_degraded = Gauge(
+            "policyd_rate_limit_backend_degraded",
+            "1 while the shared sending-limit store is taken as down (its circuit breaker is "
+            "open) and requests are answered by rate_limits.on_backend_error, else 0.",
+            registry=registry,
+        )
+        self.rate_limit_backend_errors = Counter(
+            "policyd_rate_limit_backend_errors",
+            "Calls to the shared sending-limit store that failed, by reason: connection, "
+            "timeout (no answer within backend.timeout), response (an error reply).",
+            ["reason"],
+            registry=registry,
+        )
+        self.rate_limit_backend_duration = Histogram(
+            "policyd_rate_limit_backend_duration_seconds",
+            "Time of the successful calls to the shared sending-limit store (one script per "
+            "request), from sending to the answer.",
+            buckets=BACKEND_BUCKETS,
+            registry=registry,
+        )
+        for reason in BACKEND_ERROR_REASONS:
+            self.rate_limit_backend_errors.labels(reason=reason)

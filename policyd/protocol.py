@@ -2,7 +2,8 @@
 
 A request is ``name=value`` lines ended by an empty line; the reply is ``action=...`` and an empty
 line, on the same persistent connection. This module only frames: it decodes the attributes and
-hands them to the handler it was given, which returns the action. A framing problem is reported
+hands them to the handler it was given, which returns the action, or a Deferred firing with it
+when the answer needs I/O (a shared sending-limit store). A framing problem is reported
 through the error reporter and closes that one connection without a reply; Postfix then retries
 and, failing that, uses its fail-closed ``default_action``.
 """
@@ -21,8 +22,9 @@ from twisted.python.failure import Failure
 
 from policyd.config import Limits
 
-#: Decides one request: decoded attributes in, the Postfix action out. Must not raise.
-Handler = Callable[[Mapping[str, str]], str]
+#: Decides one request: decoded attributes in, the Postfix action out, at once or through a
+#: Deferred. Must not raise, and its Deferreds must not fail.
+Handler = Callable[[Mapping[str, str]], "str | defer.Deferred[str]"]
 
 #: Told about every framing problem: (reason, peer description). ``reason`` is one of REASONS.
 ErrorReporter = Callable[[str, str], None]
@@ -51,7 +53,9 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     A request is framed whole (up to its empty line) and then split into attributes, which is
     much cheaper than a callback per line. Requests pipelined in one write are answered in
-    order. After ``drain()`` the connection closes as soon as it is idle.
+    order, also when an answer waits for I/O: requests framed meanwhile wait in ``_queued``
+    and are decided after it, one at a time. After ``drain()`` the connection closes as soon as
+    it is idle.
     """
 
     def __init__(self, factory: PolicyFactory) -> None:
@@ -66,6 +70,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._socket: Any = None  # set once connected, while replies may bypass the transport
         self._seconds = factory.clock.seconds
         self._idle_since = 0.0  # when the connection last became idle (see timeoutConnection)
+        self._waiting = False  # an answer is on its way (the handler returned a Deferred)
+        self._queued: list[bytes] = []  # whole requests framed while waiting, in order
 
     # -- connection life ---------------------------------------------------------------
 
@@ -97,8 +103,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     @property
     def idle(self) -> bool:
-        """True between requests: nothing received of a next request yet."""
-        return not self._buffer
+        """True between requests: nothing received of a next request yet, no answer pending."""
+        return not self._buffer and not self._waiting
 
     def drain(self) -> None:
         """Stop taking requests: close now if idle, else right after answering the current one."""
@@ -115,6 +121,12 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         waits the rest of its idle time. Only a request that starts arriving re-arms it, with
         the request timeout.
         """
+        if self._waiting and not self._buffer:
+            # The answer on its way has its own deadline (the handler's): wait for it.
+            self.setTimeout(  # type: ignore[no-untyped-call]
+                self.factory.limits.request_timeout_seconds
+            )
+            return
         if not self.idle:
             self._fail("request_timeout")
             return
@@ -136,6 +148,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             return
         if (
             not self._buffer
+            and not self._waiting
             and len(data) > 2
             and data.find(b"\n\n") == len(data) - 2
             and b"\r" not in data
@@ -176,6 +189,9 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             del buffer[:end]
             before = search_from = 0
             self._newlines = self._line_start = 0
+            if self._waiting:
+                self._queued.append(block)
+                continue
             if not self._answer(block) or self._connection.disconnecting:
                 return
         if self.idle:
@@ -213,6 +229,35 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             # The handler is built never to raise; if it does, fail closed: no reply.
             self._fail("handler_failure")
             return False
+        if type(action) is not str:
+            self._waiting = True
+            action.addCallbacks(self._answered_later, self._handler_failed)
+            return not self._failed
+        self._reply(action)
+        return True
+
+    def _answered_later(self, action: str) -> None:
+        """The answer that waited for I/O: send it, then decide what queued up meanwhile."""
+        self._waiting = False
+        if self._failed:  # the connection failed or was lost meanwhile
+            return
+        self._reply(action)
+        queued = self._queued
+        while queued and not self._waiting:
+            if self._connection.disconnecting:  # drained: what is queued waits for Postfix's retry
+                self._queued = []
+                return
+            if not self._answer(queued.pop(0)):
+                return
+        if self.idle:
+            self._idle_since = self._seconds()
+
+    def _handler_failed(self, failure: Failure) -> None:
+        self._waiting = False
+        if not self._failed:
+            self._fail("handler_failure")
+
+    def _reply(self, action: str) -> None:
         reply = _REPLIES.get(action)
         if reply is None:
             reply = b"action=" + action.encode("utf-8") + b"\n\n"
@@ -222,7 +267,6 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._answered += 1
         if self._draining:
             self._connection.loseConnection()
-        return True
 
     def _send(self, reply: bytes) -> None:
         """Write ``reply``: straight to the socket while Twisted holds nothing unsent.
@@ -251,6 +295,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     def _fail(self, reason: str, *, close: bool = True) -> None:
         self._failed = True
         self._buffer = bytearray()
+        self._queued = []
         self.factory.report_error(reason, describe_peer(self.transport))
         if close:
             self._connection.loseConnection()

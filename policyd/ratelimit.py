@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from policyd.networks import NetworkSet
 from policyd.outbound import Secret
@@ -272,6 +275,12 @@ def applicable(limits: RateLimits, rule: str, request: PolicyRequest) -> list[tu
 # -- the limiter: every applicable limit, checked and charged at once ---------------------------
 
 
+#: The reply when ``on_backend_error: defer`` and the shared store cannot answer.
+BACKEND_ERROR_REPLY = "451 4.3.0 Sending limits cannot be checked now, try again later"
+#: The rule such a deferral carries.
+BACKEND_ERROR_RULE = "rate_limits.on_backend_error"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the limits said about one allowed relay."""
@@ -279,27 +288,83 @@ class Outcome:
     #: The first limit (in configuration order) that refused; None when all allowed.
     limited: Limit | None
     #: Each limit checked, with its result (a ``messages`` limit already charged for this
-    #: message is not checked again and is not listed).
-    checks: tuple[tuple[Limit, Check], ...] = ()
+    #: message is not checked again and is not listed). None: not checked (backend error).
+    checks: tuple[tuple[Limit, Check | None], ...] = ()
+    #: None when the configured store answered; else the ``on_backend_error`` policy that did
+    #: (``local``: the per-process buckets judged; ``defer``/``allow``: nothing was checked).
+    fallback: BackendErrorPolicy | None = None
+
+    def results(self) -> list[tuple[str, str]]:
+        """(limit name, result) of each check, as ``policyd_rate_limit_checks_total`` counts:
+        allowed or limited by the configured store, degraded (judged by the per-process
+        fallback), error (not judged at all)."""
+        if self.fallback is None:
+            return [
+                (limit.name, "allowed" if check is None or check.allowed else "limited")
+                for limit, check in self.checks
+            ]
+        result = "degraded" if self.fallback == "local" else "error"
+        return [(limit.name, result) for limit, _ in self.checks]
+
+
+NOTHING = Outcome(None)
+
+
+class SharedStore(Protocol):
+    """A store several MX hosts share (``redis_store.RedisStore``): its own clock, I/O."""
+
+    def check_and_charge(
+        self, requests: Sequence[tuple[str, str, Rate]], *, charge: bool = True
+    ) -> Deferred[Charged]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """A shared store's answer: its time and one Check per limit, in order."""
+
+    now_us: int
+    checks: list[Check]
 
 
 class Limiter:
-    """Applies ``RateLimits`` to allowed relays, with the state in ``store``.
+    """Applies ``RateLimits`` to allowed relays, with the state in ``store``, or in ``shared``
+    when the configuration names a shared backend (then ``store`` is the per-process fallback).
 
     ``messages`` limits count the first allowed relayed recipient of each Postfix ``instance``
     (one per message); later recipients of a message that was counted pass those limits
     without being checked again. A request without ``instance`` counts as a message of its own.
     The (limit, key, instance) triples already counted are remembered up to ``max_messages``.
+
+    With a shared store, ``charge`` returns a Deferred that never fails: a store error answers
+    by ``on_backend_error`` instead. Without one, and while the ``breaker`` is open (the store
+    is taken as down: ``on_backend_error`` answers), it answers at once.
     """
 
-    def __init__(self, limits: RateLimits, store: MemoryStore, max_messages: int = 100_000) -> None:
+    def __init__(
+        self,
+        limits: RateLimits,
+        store: MemoryStore,
+        max_messages: int = 100_000,
+        *,
+        shared: SharedStore | None = None,
+        breaker: BreakerLike | None = None,
+        on_backend_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         self.limits = limits
         self.store = store
+        self.shared = shared
+        self.breaker = breaker
         self.max_messages = max_messages
+        #: Told of every shared-store failure (for logs and metrics).
+        self.on_backend_error = on_backend_error
         self._counted: dict[tuple[str, str, str], None] = {}
 
-    def charge(self, rule: str, request: PolicyRequest, now_us: int) -> Outcome:
-        """Check and charge, all or nothing, the limits an allowed relay by ``rule`` meets."""
+    def charge(self, rule: str, request: PolicyRequest, now_us: int) -> Outcome | Deferred[Outcome]:
+        """Check and charge, all or nothing, the limits an allowed relay by ``rule`` meets.
+
+        ``now_us`` is this host's time: the in-process store's clock (a shared store has its
+        own).
+        """
         todo: list[tuple[Limit, str]] = []
         messages: list[tuple[str, str, str]] = []
         for limit, key in applicable(self.limits, rule, request):
@@ -310,10 +375,62 @@ class Limiter:
                 messages.append(counted)
             todo.append((limit, key))
         if not todo:
-            return Outcome(None)
-        results = self.store.check_and_charge(
-            [(limit.name, key, limit.rate) for limit, key in todo], now_us
+            return NOTHING
+        items = [(limit.name, key, limit.rate) for limit, key in todo]
+        shared = self.shared
+        if shared is None:
+            return self._outcome(todo, messages, self.store.check_and_charge(items, now_us))
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            # Taken as down: answered at once, without waiting for the store.
+            return self._fall_back(todo, messages, items, now_us)
+        answer = shared.check_and_charge(items)
+        answer.addCallbacks(
+            self._shared_answered,
+            self._shared_failed,
+            callbackArgs=(todo, messages),
+            errbackArgs=(todo, messages, items, now_us),
         )
+        return answer  # type: ignore[return-value]  # the callbacks made it an Outcome
+
+    def _shared_answered(
+        self, charged: Charged, todo: list[tuple[Limit, str]], messages: list[Any]
+    ) -> Outcome:
+        if self.breaker is not None:
+            self.breaker.success()
+        return self._outcome(todo, messages, charged.checks)
+
+    def _shared_failed(
+        self,
+        failure: Failure,
+        todo: list[tuple[Limit, str]],
+        messages: list[Any],
+        items: list[tuple[str, str, Rate]],
+        now_us: int,
+    ) -> Outcome:
+        if self.breaker is not None:
+            self.breaker.failure()
+        if self.on_backend_error is not None:
+            error = failure.value
+            self.on_backend_error(error if isinstance(error, Exception) else Exception(error))
+        return self._fall_back(todo, messages, items, now_us)
+
+    def _fall_back(
+        self,
+        todo: list[tuple[Limit, str]],
+        messages: list[Any],
+        items: list[tuple[str, str, Rate]],
+        now_us: int,
+    ) -> Outcome:
+        policy = self.limits.on_backend_error
+        if policy == "local":
+            outcome = self._outcome(todo, messages, self.store.check_and_charge(items, now_us))
+            return Outcome(outcome.limited, outcome.checks, "local")
+        return Outcome(None, tuple((limit, None) for limit, _ in todo), policy)
+
+    def _outcome(
+        self, todo: list[tuple[Limit, str]], messages: list[Any], results: list[Check]
+    ) -> Outcome:
         checks = tuple((limit, result) for (limit, _), result in zip(todo, results, strict=True))
         refused = next((limit for limit, result in checks if not result.allowed), None)
         if refused is None:
@@ -325,3 +442,11 @@ class Limiter:
         if len(self._counted) >= self.max_messages:
             del self._counted[next(iter(self._counted))]
         self._counted[counted] = None
+
+
+class BreakerLike(Protocol):
+    """What the limiter asks of a circuit breaker (``redis_store.Breaker``)."""
+
+    def allow(self) -> bool: ...
+    def success(self) -> None: ...
+    def failure(self) -> None: ...

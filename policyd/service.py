@@ -22,6 +22,7 @@ from twisted.internet.endpoints import (
     UNIXServerEndpoint,
 )
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -30,7 +31,16 @@ from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.logs import Event, make_record, quote_value
 from policyd.metrics import CONFIG_LISTS, Metrics, set_config_info
 from policyd.protocol import PolicyFactory
-from policyd.ratelimit import Limiter, MemoryStore
+from policyd.ratelimit import (
+    BACKEND_ERROR_REPLY,
+    BACKEND_ERROR_RULE,
+    Limiter,
+    MemoryStore,
+    Outcome,
+    RateLimits,
+    RedisBackend,
+)
+from policyd.redis_store import BackendError, Breaker, RedisStore
 from policyd.request import PolicyRequest
 from policyd.socketmap import SocketmapFactory
 from policyd.transport_table import TableWrite, TableWriteError, write_transport_table
@@ -63,11 +73,14 @@ class PolicyService:
         self.config_path = config_path
         self.write_tables = write_tables
         self.config = config
+        #: What listeners and the limits' store were built from (reloads change neither).
+        self.config_at_start = config
         self.reactor = reactor
         self.metrics = metrics
         self.counts = metrics.counts
         self.log_all_decisions = log_all_decisions
-        self.limiter = Limiter(config.rate_limits, MemoryStore())
+        self.redis: RedisStore | None = None
+        self.limiter = self._limiter(config.rate_limits)
         self._count_limits(config)
         self.factory = PolicyFactory(
             self.handle,
@@ -93,12 +106,17 @@ class PolicyService:
         self.last_reload = "none"
         self._reloading = False
         self._reload_again = False
+        self._last_backend_error = ""
         self.metrics.config_last_reload.set(time.time())
 
     # -- requests --------------------------------------------------------------------------
 
-    def handle(self, attributes: Mapping[str, str]) -> str:
-        """Decide one request and record it. Never raises: a failure answers ``replies.error``."""
+    def handle(self, attributes: Mapping[str, str]) -> str | defer.Deferred[str]:
+        """Decide one request and record it. Never raises: a failure answers ``replies.error``.
+
+        Answers at once, unless the sending limits of an allowed relay are kept in a shared
+        store: then a Deferred that fires (never fails) within the store's deadline.
+        """
         started = perf_counter()
         config = self.config
         state = ""
@@ -110,7 +128,20 @@ class PolicyService:
             log.exception("internal error while deciding; answering replies.error")
             decision = error_decision(config)
         if decision.verdict is _ALLOWED and self.limiter.limits.limits:
-            decision = self._apply_limits(decision, request)
+            now_us = int(self.reactor.seconds() * 1_000_000)
+            outcome = self.limiter.charge(str(decision.rule), request, now_us)
+            if type(outcome) is not Outcome:
+                later: defer.Deferred[Outcome] = outcome  # type: ignore[assignment]
+                answer = later.addCallback(self._limited, decision)
+                answer.addErrback(self._limits_failed, config)
+                return answer.addCallback(self._record, attributes, state, started)
+            decision = self._limited(outcome, decision)
+        return self._record(decision, attributes, state, started)
+
+    def _record(
+        self, decision: Decision, attributes: Mapping[str, str], state: str, started: float
+    ) -> str:
+        """Count and log a decision; its action is the answer."""
         counts = self.counts
         counts.requests += 1
         states = counts.states
@@ -134,32 +165,82 @@ class PolicyService:
         counts.observe(perf_counter() - started)
         return decision.action
 
-    def _apply_limits(self, decision: Decision, request: PolicyRequest) -> Decision:
-        """An allowed relay, checked and charged against the sending limits that apply."""
-        now_us = int(self.reactor.seconds() * 1_000_000)
-        outcome = self.limiter.charge(str(decision.rule), request, now_us)
-        limit = outcome.limited
+    def _limited(self, outcome: Outcome, decision: Decision) -> Decision:
+        """An allowed relay, after the sending limits that apply to it: deferred by the first
+        limit over its rate (or by ``on_backend_error: defer``), else as it was."""
         checks = self.counts.limit_checks
-        for checked, check in outcome.checks:
-            key = (checked.name, "allowed" if check.allowed else "limited")
+        for key in outcome.results():
             checks[key] = checks.get(key, 0) + 1
-        if limit is None:
+        limit = outcome.limited
+        if limit is not None:
+            reply, rule = limit.reply, limit.rule
+        elif outcome.fallback == "defer":
+            reply, rule = BACKEND_ERROR_REPLY, BACKEND_ERROR_RULE
+        else:
             return decision
         # Deferred: the limit's reply; the outbound profile stays recorded.
-        return Decision(
-            limit.reply,
-            Verdict.DEFERRED,
-            limit.rule,
-            decision.destination,
-            False,
-            decision.outbound,
+        return Decision(reply, _DEFERRED, rule, decision.destination, False, decision.outbound)
+
+    def _limits_failed(self, failure: Failure, config: Config) -> Decision:
+        """A bug after a shared store answered: fail safe, as for any internal error."""
+        log.error(
+            "internal error while applying sending limits; answering replies.error: %s",
+            failure.getTraceback(),
         )
+        return error_decision(config)
+
+    def _limiter(self, limits: RateLimits) -> Limiter:
+        """The limiter of ``limits``: in process, or on the shared store it names."""
+        backend = limits.backend
+        if not isinstance(backend, RedisBackend):
+            return Limiter(limits, MemoryStore())
+        metrics = self.metrics
+        self.redis = RedisStore(
+            backend, self.reactor, observe=metrics.rate_limit_backend_duration.observe
+        )
+        redis = self.redis
+        metrics.rate_limit_backend_up.set_function(lambda: 1 if redis.connected else 0)
+        breaker = Breaker(self.reactor.seconds, on_change=self._backend_changed)
+        return Limiter(
+            limits,
+            MemoryStore(),  # the per-process buckets of on_backend_error: local
+            shared=redis,
+            breaker=breaker,
+            on_backend_error=self._backend_failed,
+        )
+
+    def _backend_failed(self, error: Exception) -> None:
+        reason = error.reason if isinstance(error, BackendError) else "connection"
+        self.metrics.rate_limit_backend_errors.labels(reason=reason).inc()
+        log.debug("rate_limits backend call failed: %s", error)
+        self._last_backend_error = str(error)
+
+    def _backend_changed(self, down: bool) -> None:
+        """The breaker opened (the shared store is taken as down) or closed: logged once."""
+        self.metrics.rate_limit_backend_degraded.set(1 if down else 0)
+        policy = self.limiter.limits.on_backend_error
+        address = self.redis.backend.address if self.redis is not None else "-"
+        if down:
+            log.warning(
+                "rate_limits backend %s is down (%s); answering by on_backend_error: %s until "
+                "it answers again",
+                address,
+                self._last_backend_error,
+                policy,
+            )
+        else:
+            log.info("rate_limits backend %s answers again; limits are shared again", address)
 
     def _count_limits(self, config: Config) -> None:
         """Start the deferred series of every configured limit at zero (never removed)."""
-        for limit in config.rate_limits.limits:
+        limits = config.rate_limits
+        results = ["allowed", "limited"]
+        if isinstance(limits.backend, RedisBackend):
+            results += ["degraded", "error"]
+            self.counts.decisions.setdefault((Verdict.DEFERRED, BACKEND_ERROR_RULE), 0)
+        for limit in limits.limits:
             self.counts.decisions.setdefault((Verdict.DEFERRED, limit.rule), 0)
-            for result in ("allowed", "limited"):
+            for result in results:
                 self.counts.limit_checks.setdefault((limit.name, result), 0)
 
     def log_decision(self, attributes: Mapping[str, str], decision: Decision) -> None:
@@ -314,6 +395,8 @@ class PolicyService:
             )
         self.config = config
         self.factory.limits = config.limits
+        if config.rate_limits.backend != self.config_at_start.rate_limits.backend:
+            log.warning("reload: changes to rate_limits.backend take effect only at restart")
         # The limits' state (per limit name and key) carries over; new limits start full.
         self.limiter.limits = config.rate_limits
         self._count_limits(config)
@@ -373,6 +456,14 @@ class PolicyService:
             yield self.stop_listening()
             raise
         self.state = "serving"
+        if self.redis is not None:
+            address = self.redis.backend.address
+            self.redis.connect().addCallbacks(
+                lambda _: log.info("rate_limits backend %s connected", address),
+                lambda failure: log.warning(
+                    "rate_limits backend %s not reachable at start: %s", address, failure.value
+                ),
+            )
 
     def stop_listening(self) -> defer.Deferred[Any]:
         """Close every listening port."""
@@ -389,6 +480,8 @@ class PolicyService:
         yield self.stop_listening()
         self.socketmap_factory.close_all()
         yield self.factory.drain(SHUTDOWN_GRACE_SECONDS)
+        if self.redis is not None:
+            self.redis.close()
         log.info("stopped")
 
 

@@ -2,13 +2,15 @@
 # Install the Debian packages the tests need: Postfix (the MTA under test), Cyrus SASL tools and
 # modules (SMTP AUTH with a sasldb), and postfwd (postfwd2, the policy service the benchmark
 # compares policyd with; tests/test_bench_smoke.py checks its answers), systemd (for
-# systemd-analyze, which checks the shipped unit) and prometheus (promtool checks the alert
-# rules; the tests run its server on loopback). Idempotent; asks nothing; starts no service
-# (a policy-rc.d keeps the packages' init scripts from starting prometheus or postfwd).
+# systemd-analyze, which checks the shipped unit), prometheus (promtool checks the alert
+# rules; the tests run its server on loopback) and redis-server with redis-tools (the shared
+# sending-limit store; the tests start their own servers on unix sockets). Idempotent; asks
+# nothing; starts no service (a policy-rc.d keeps the packages' init scripts from starting
+# prometheus, redis-server or postfwd).
 # postfwd's postinst does not start it (STARTUP=0 in /etc/default/postfwd; no init here).
 set -euo pipefail
 
-packages=(postfix sasl2-bin libsasl2-modules postfwd systemd prometheus)
+packages=(postfix sasl2-bin libsasl2-modules postfwd systemd prometheus redis-server redis-tools)
 
 missing=()
 for p in "${packages[@]}"; do

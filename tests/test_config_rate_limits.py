@@ -81,13 +81,14 @@ def test_redis_backend(tmp_path: Path) -> None:
     assert "pw" not in repr(backend)
 
 
-def test_redis_backend_without_a_client_says_limits_are_per_process() -> None:
+def test_redis_backend_defaults() -> None:
     config = parse_config(
         BASE + "rate_limits:\n  backend: {redis: 'inet:127.0.0.1:6379'}\n  limits:\n"
         "    - {name: n, applies_to: [relay.allow.client_networks], key: client_address,"
         " rate: 1/1h}\n"
     )
-    assert any("enforced per process" in warning for warning in config.warnings)
+    assert config.rate_limits.backend == RedisBackend("inet:127.0.0.1:6379", "", None, 0.05)
+    assert config.rate_limits.on_backend_error == "local" and not config.warnings
 
 
 LIMIT = (

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -453,3 +454,128 @@ def test_one_write_and_byte_by_byte_agree(data: bytes) -> None:
         trickled[2],
         trickled[3],
     )
+
+
+# -- answers that wait for I/O (a Deferred from the handler) -----------------------------------
+
+
+class DeferredHarness(Harness):
+    """A handler whose answers wait: each request gets a Deferred, fired by the test."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self.pending: list[defer.Deferred[str]] = []
+
+    def handle(self, attributes: Mapping[str, str]) -> defer.Deferred[str]:  # type: ignore[override]
+        self.requests.append(dict(attributes))
+        waiting: defer.Deferred[str] = defer.Deferred()
+        self.pending.append(waiting)
+        return waiting
+
+
+def _numbered(n: int) -> bytes:
+    return REQUEST.replace(b"user@", f"user{n}@".encode())
+
+
+def test_waiting_answers_keep_request_order() -> None:
+    """Pipelined requests whose answers wait are decided one at a time and answered in order:
+    the second is not even handed over before the first is answered."""
+    harness = DeferredHarness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(_numbered(1) + _numbered(2) + _numbered(3))
+    assert len(harness.requests) == 1 and transport.value() == b""
+    harness.pending[0].callback("DUNNO first")
+    assert len(harness.requests) == 2
+    assert transport.value() == b"action=DUNNO first\n\n"
+    protocol.dataReceived(_numbered(4))  # arrives while the second waits: queued behind it
+    harness.pending[1].callback("DUNNO second")
+    harness.pending[2].callback("DUNNO third")
+    harness.pending[3].callback("DUNNO fourth")
+    assert transport.value() == (
+        b"action=DUNNO first\n\naction=DUNNO second\n\naction=DUNNO third\n\n"
+        b"action=DUNNO fourth\n\n"
+    )
+    assert [r["recipient"] for r in harness.requests] == [
+        f"user{n}@remote.example" for n in (1, 2, 3, 4)
+    ]
+    assert protocol.idle and not harness.errors
+
+
+def test_mixed_immediate_and_waiting_answers_stay_in_order() -> None:
+    """A handler answering some requests at once and others later keeps the order."""
+    harness = Harness()
+    later: list[defer.Deferred[str]] = []
+
+    def handle(attributes: Mapping[str, str]) -> str | defer.Deferred[str]:
+        harness.requests.append(dict(attributes))
+        if len(harness.requests) % 2:
+            return f"DUNNO {len(harness.requests)}"
+        waiting: defer.Deferred[str] = defer.Deferred()
+        later.append(waiting)
+        return waiting
+
+    harness.factory.handler = handle
+    protocol, transport = harness.connect()
+    protocol.dataReceived(b"".join(_numbered(n) for n in range(1, 6)))
+    assert transport.value() == b"action=DUNNO 1\n\n"
+    later[0].callback("DUNNO 2")
+    later[1].callback("DUNNO 4")
+    replies = transport.value().split(b"\n\n")[:-1]
+    assert replies == [f"action=DUNNO {n}".encode() for n in range(1, 6)]
+
+
+def test_already_fired_deferred_is_answered_at_once() -> None:
+    harness = Harness()
+    harness.factory.handler = lambda attributes: defer.succeed("DUNNO now")
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST + REQUEST)
+    assert transport.value() == b"action=DUNNO now\n\n" * 2
+    assert protocol.idle
+
+
+def test_disconnect_while_waiting_drops_the_answer() -> None:
+    """Postfix gave up (its own timeout): the late answer is not written anywhere."""
+    harness = DeferredHarness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST + REQUEST)
+    protocol.connectionLost()
+    harness.pending[0].callback("DUNNO late")
+    assert transport.value() == b""
+    assert len(harness.requests) == 1  # the queued request is never decided
+    assert harness.errors == ["disconnect_mid_request"]
+
+
+def test_failed_deferred_closes_without_reply() -> None:
+    harness = DeferredHarness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    harness.pending[0].errback(RuntimeError("a bug"))
+    assert transport.value() == b"" and transport.disconnecting
+    assert harness.errors == ["handler_failure"]
+
+
+def test_timer_while_waiting_does_not_fail_the_request() -> None:
+    """The idle timer running out while an answer waits re-arms; the answer still goes out."""
+    harness = DeferredHarness(Limits(idle_timeout_seconds=10.0, request_timeout_seconds=5.0))
+    protocol, transport = harness.connect()
+    harness.clock.advance(9.99)
+    protocol.dataReceived(REQUEST)
+    harness.clock.advance(0.02)  # the idle timer runs out while the answer waits
+    assert not transport.disconnecting and not harness.errors
+    harness.pending[0].callback("DUNNO done")
+    assert transport.value() == b"action=DUNNO done\n\n"
+    harness.clock.advance(9.0)
+    assert not transport.disconnecting
+    harness.clock.advance(1.1)
+    assert transport.disconnecting and not harness.errors  # idle since the answer
+
+
+def test_drain_while_waiting_answers_then_closes() -> None:
+    harness = DeferredHarness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST + REQUEST)
+    protocol.drain()
+    assert not transport.disconnecting
+    harness.pending[0].callback("DUNNO last")
+    assert transport.value() == b"action=DUNNO last\n\n"
+    assert transport.disconnecting and len(harness.requests) == 1

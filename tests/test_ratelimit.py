@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
 
 from policyd.config import parse_config
 from policyd.ratelimit import (
+    Charged,
+    Check,
     Limiter,
     MemoryStore,
     Outcome,
@@ -19,6 +26,7 @@ from policyd.ratelimit import (
     parse_rate,
     remaining,
 )
+from policyd.redis_store import BackendError, Breaker
 from policyd.request import PolicyRequest
 
 HOUR = 3_600_000_000
@@ -276,3 +284,133 @@ def test_no_applicable_limit_is_no_work() -> None:
     limiter = Limiter(_limits(LIMITS), MemoryStore())
     outcome = limiter.charge("relay.allow.server_addresses", _rcpt("", "x"), T0)
     assert outcome == Outcome(None)
+
+
+# -- a shared store: its answers, its failures, the breaker --------------------------------------
+
+
+class FakeShared:
+    """A shared store whose answers the test gives (the real one runs in test_redis_store)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, str, Rate]]] = []
+        self.pending: list[defer.Deferred[Charged]] = []
+
+    def check_and_charge(
+        self, requests: Sequence[tuple[str, str, Rate]], *, charge: bool = True
+    ) -> defer.Deferred[Charged]:
+        self.calls.append(list(requests))
+        answer: defer.Deferred[Charged] = defer.Deferred()
+        self.pending.append(answer)
+        return answer
+
+
+SHARED = """
+rate_limits:
+  backend: {redis: "unix:/run/redis/redis.sock"}
+  on_backend_error: POLICY
+  limits:
+    - {name: login, applies_to: [relay.allow.authenticated], key: sasl_username, rate: 1/1h}
+"""
+
+
+def _shared_limiter(policy: str) -> tuple[Limiter, FakeShared, Breaker, Clock]:
+    clock = Clock()
+    shared = FakeShared()
+    breaker = Breaker(clock.seconds, failures=2, open_seconds=5.0)
+    limiter = Limiter(
+        _limits(SHARED.replace("POLICY", policy)), MemoryStore(), shared=shared, breaker=breaker
+    )
+    return limiter, shared, breaker, clock
+
+
+def _fired(answer: Any) -> Outcome:
+    assert isinstance(answer, defer.Deferred)
+    results: list[Outcome] = []
+    answer.addCallback(results.append)
+    (outcome,) = results
+    return outcome
+
+
+def test_shared_store_answers() -> None:
+    limiter, shared, _, _ = _shared_limiter("local")
+    answer = limiter.charge(AUTH, _rcpt("Alice", "a"), T0)
+    assert shared.calls == [[("login", "alice", Rate(1, HOUR))]]
+    shared.pending[0].callback(Charged(T0, [Check(False, T0 + HOUR, 10, 0)]))
+    outcome = _fired(answer)
+    assert outcome.limited is not None and outcome.limited.name == "login"
+    assert outcome.fallback is None and outcome.results() == [("login", "limited")]
+
+
+@pytest.mark.parametrize(
+    ("policy", "limited", "result"),
+    [("local", [False, True], "degraded"), ("allow", [False, False], "error")],
+)
+def test_store_failure_answers_by_policy(policy: str, limited: list[bool], result: str) -> None:
+    """local: the per-process buckets judge (1/1h: the second message is over); allow: not
+    judged at all. Both fire; neither fails."""
+    limiter, shared, _, _ = _shared_limiter(policy)
+    outcomes = []
+    for instance in ("a", "b"):
+        answer = limiter.charge(AUTH, _rcpt("alice", instance), T0)
+        shared.pending[-1].errback(BackendError("timeout", "no answer"))
+        outcomes.append(_fired(answer))
+    assert [outcome.limited is not None for outcome in outcomes] == limited
+    assert all(outcome.fallback == policy for outcome in outcomes)
+    assert outcomes[0].results() == [("login", result)]
+
+
+def test_store_failure_with_defer() -> None:
+    limiter, shared, _, _ = _shared_limiter("defer")
+    answer = limiter.charge(AUTH, _rcpt("alice", "a"), T0)
+    shared.pending[0].errback(BackendError("connection", "refused"))
+    outcome = _fired(answer)
+    assert outcome.limited is None and outcome.fallback == "defer"
+    assert outcome.results() == [("login", "error")]
+
+
+def test_open_breaker_answers_at_once_without_the_store() -> None:
+    """Two failures open the breaker: from then on no call reaches the store and the answer is
+    immediate, until the breaker lets one probe through after its open time."""
+    limiter, shared, breaker, clock = _shared_limiter("local")
+    for instance in ("a", "b"):
+        answer = limiter.charge(AUTH, _rcpt(f"user-{instance}", instance), T0)
+        shared.pending[-1].errback(BackendError("timeout", "no answer"))
+        _fired(answer)
+    assert breaker.is_open and len(shared.calls) == 2
+    immediate = limiter.charge(AUTH, _rcpt("carol", "c"), T0)
+    assert isinstance(immediate, Outcome) and immediate.fallback == "local"
+    assert len(shared.calls) == 2
+    clock.advance(5.0)
+    probe = limiter.charge(AUTH, _rcpt("dave", "d"), T0)  # the one probe
+    during = limiter.charge(AUTH, _rcpt("erin", "e"), T0)  # others: still at once
+    assert isinstance(probe, defer.Deferred) and isinstance(during, Outcome)
+    assert len(shared.calls) == 3
+    shared.pending[-1].callback(Charged(T0, [Check(True, T0 + HOUR, 0, 0)]))
+    assert _fired(probe).fallback is None and not breaker.is_open
+    assert isinstance(limiter.charge(AUTH, _rcpt("fred", "f"), T0), defer.Deferred)
+
+
+def test_breaker() -> None:
+    clock = Clock()
+    changes: list[bool] = []
+    breaker = Breaker(clock.seconds, failures=3, open_seconds=2.0, on_change=changes.append)
+    breaker.failure()
+    breaker.failure()
+    breaker.success()  # a success in between: the count starts again
+    breaker.failure()
+    breaker.failure()
+    assert breaker.allow() and not breaker.is_open
+    breaker.failure()
+    assert breaker.is_open and not breaker.allow() and changes == [True]
+    clock.advance(1.999)
+    assert not breaker.allow()
+    clock.advance(0.001)
+    assert breaker.allow()  # half-open: one probe
+    assert not breaker.allow()
+    breaker.failure()  # the probe failed: open again, for the whole open time
+    assert not breaker.allow()
+    clock.advance(2.0)
+    assert breaker.allow()
+    breaker.success()
+    assert not breaker.is_open and breaker.allow() and changes == [True, False]
