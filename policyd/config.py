@@ -196,6 +196,16 @@ class Config:
                 f"{table.built_path.name}, postmap {table.postmap_command()} -c "
                 f"{table.postfix_config_dir})"
             )
+        limits = self.rate_limits
+        if limits.limits:
+            backend = limits.backend
+            where = "memory" if isinstance(backend, str) else f"redis {backend.address}"
+            lines.append(
+                f"  rate_limits: {len(limits.limits)} limits, backend {where}, "
+                f"on_backend_error {limits.on_backend_error}"
+            )
+            for limit in limits.limits:
+                lines.append(f"    {limit.name}: {limit.describe()}")
         if self.file_lists:
             lines.append(f"  file lists: {', '.join(self.file_lists)}")
         lines.extend(f"  warning: {warning}" for warning in self.warnings)
@@ -1038,11 +1048,22 @@ def _sasl_username(text: str) -> str:
 _LIMIT_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 
 
+#: A Postfix restriction class name (a main.cf parameter name of one's own).
+_RESTRICTION_CLASS = re.compile(r"[a-z][a-z0-9_]*")
+
+
 def _check_limit_reply(action: str, reply: str) -> str | None:
-    """A limit's reply must do what its action says: defer 4xx, reject 5xx, hold HOLD."""
+    """A limit's reply must do what its action says: defer 4xx, reject 5xx, hold a restriction
+    class name."""
     match = _REJECT_CODE.match(reply)
     if action == "hold":
-        return None if reply.split(" ", 1)[0].upper() == "HOLD" else "must start with HOLD"
+        if _RESTRICTION_CLASS.fullmatch(reply):
+            return None
+        return (
+            "must name a smtpd_restriction_classes class of main.cf that holds and permits "
+            "(default policyd_hold): Postfix's HOLD does not end the restriction list, so a "
+            "bare HOLD would be followed by reject_unauth_destination, refusing the relay"
+        )
     wanted = "4" if action == "defer" else "5"
     if match is None or not match["code"].startswith(wanted):
         return f"must be '{wanted}NN X.Y.Z text' for action {action}"

@@ -48,6 +48,7 @@ PARAMETERS = (
     "virtual_mailbox_domains",
     "smtp_sasl_password_maps",
     "transport_maps",
+    "smtpd_restriction_classes",
 )
 RESTRICTION_LISTS = ("smtpd_relay_restrictions", "smtpd_recipient_restrictions")
 DOMAIN_LISTS = (
@@ -104,6 +105,12 @@ def read_postfix(config_dir: str | None = None, postconf: str = "postconf") -> P
     for line in _postconf(postconf, config_dir, "-x", *PARAMETERS).splitlines():
         name, _, value = line.partition(" = ")
         parameters[name.strip()] = value.strip()
+    classes = split_list(parameters.get("smtpd_restriction_classes", ""))
+    if classes:
+        # A class is a parameter of its own name; postconf prints nothing for an undefined one.
+        for line in _postconf(postconf, config_dir, "-x", *classes).splitlines():
+            name, _, value = line.partition(" = ")
+            parameters[name.strip()] = value.strip()
     overrides: dict[tuple[str, str], dict[str, str]] = {}
     for line in _postconf(postconf, config_dir, "-P", "-x").splitlines():
         key, _, value = line.partition(" = ")
@@ -394,6 +401,44 @@ def check(settings: PostfixSettings, config: Config) -> list[Finding]:
         findings += check_restrictions(lists, config, action, f"master.cf {service}/{kind}")
     findings += check_domains(settings, config)
     findings += check_outbound(settings, config)
+    findings += check_hold_classes(settings, config)
+    return findings
+
+
+def check_hold_classes(settings: PostfixSettings, config: Config) -> list[Finding]:
+    """A ``hold`` limit answers a restriction class name: main.cf must define that class,
+    and it must end by permitting (else Postfix goes on to reject_unauth_destination)."""
+    main = settings.parameters
+    classes = split_list(main.get("smtpd_restriction_classes", ""))
+    findings = []
+    for limit in config.rate_limits.limits:
+        if limit.action != "hold":
+            continue
+        name = limit.reply
+        where = "main.cf smtpd_restriction_classes"
+        if name not in classes or not main.get(name):
+            findings.append(
+                Finding(
+                    "error",
+                    where,
+                    f"rate_limits limit {limit.name} (action hold) answers {name!r}, which is "
+                    f"not a restriction class here: add {name} to smtpd_restriction_classes and "
+                    f"define it, e.g. {name} = check_sender_access "
+                    "static:{HOLD sending limit exceeded}, permit (postfix-examples/main.cf)",
+                )
+            )
+            continue
+        items = split_list(main[name])
+        if not items or items[-1] != "permit":
+            findings.append(
+                Finding(
+                    "error",
+                    f"main.cf {name}",
+                    f"rate_limits limit {limit.name} (action hold) answers {name}, which does "
+                    "not end with permit: the held message's relay would then be refused by "
+                    "reject_unauth_destination",
+                )
+            )
     return findings
 
 

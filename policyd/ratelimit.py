@@ -186,7 +186,10 @@ BACKEND_ERROR_POLICIES: tuple[BackendErrorPolicy, ...] = ("local", "defer", "all
 DEFAULT_REPLIES: dict[str, str] = {
     "defer": "450 4.7.1 Sending limit exceeded, try again later",
     "reject": "550 5.7.1 Sending limit exceeded",
-    "hold": "HOLD sending limit exceeded",
+    # A restriction class of main.cf (postfix-examples/main.cf): HOLD, then permit. A bare
+    # HOLD does not end Postfix's restriction list: reject_unauth_destination would follow
+    # and refuse the relay.
+    "hold": "policyd_hold",
 }
 
 
@@ -206,6 +209,22 @@ class Limit:
     def rule(self) -> str:
         """The rule key path a decision this limit deferred carries."""
         return f"rate_limits.{self.name}"
+
+    def describe(self) -> str:
+        """One line: what it counts, per what, how fast, and what happens over it."""
+        rate = self.rate
+        return (
+            f"{self.count} per {self.key}, {rate.count} per {_period(rate.period_us)}, "
+            f"burst {rate.burst}, then {self.action} ({self.reply!r}); applies to "
+            f"{', '.join(sorted(self.applies_to))}"
+        )
+
+
+def _period(microseconds: int) -> str:
+    for unit, size in (("d", UNITS["d"]), ("h", UNITS["h"]), ("m", UNITS["m"])):
+        if microseconds % size == 0:
+            return f"{microseconds // size}{unit}"
+    return f"{microseconds // UNITS['s']}s"
 
 
 @dataclass(frozen=True, slots=True)

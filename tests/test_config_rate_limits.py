@@ -56,7 +56,7 @@ rate_limits:
     assert (user.rate.count, user.rate.period_us, user.rate.burst) == (200, 3_600_000_000, 50)
     assert user.reply == DEFAULT_REPLIES["defer"] and user.rule == "rate_limits.user-hour"
     assert tripwire.count == "recipients" and tripwire.rate.burst == 1
-    assert tripwire.action == "hold" and tripwire.reply.startswith("HOLD ")
+    assert tripwire.action == "hold" and tripwire.reply == "policyd_hold"
     assert config.warnings == ()  # memory backend: enforced as configured
 
 
@@ -127,7 +127,7 @@ LIMIT = (
             "rate_limits.limits[0].action: must be one of defer, reject, hold",
         ),
         (LIMIT + ", reply: '550 5.7.1 no'}\n", "must be '4NN X.Y.Z text' for action defer"),
-        (LIMIT + ", action: hold, reply: 'DISCARD x'}\n", "must start with HOLD"),
+        (LIMIT + ", action: hold, reply: 'HOLD x'}\n", "bare HOLD would be followed"),
         (
             LIMIT + ", count: bytes}\n",
             "rate_limits.limits[0].count: must be one of messages, recipients",

@@ -86,6 +86,24 @@ POLICY = (
 # (name, main.cf lines to append, master.cf lines to append, expected error fragments)
 BROKEN = [
     (
+        "hold class missing",
+        "smtpd_restriction_classes =",
+        "",
+        [
+            "limit login-day-tripwire (action hold) answers 'policyd_hold', which is not a "
+            "restriction class here"
+        ],
+    ),
+    (
+        "hold class that does not permit",
+        "policyd_hold = check_sender_access static:{{HOLD sending limit exceeded}}",
+        "",
+        [
+            "main.cf policyd_hold: rate_limits limit login-day-tripwire (action hold) answers "
+            "policyd_hold, which does not end with permit"
+        ],
+    ),
+    (
         "permit_mynetworks first",
         "smtpd_relay_restrictions = permit_mynetworks, {policy}, reject_unauth_destination",
         "",
