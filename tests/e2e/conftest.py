@@ -129,17 +129,22 @@ def transport_table(e2e_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def postfix_instance(
+    request: pytest.FixtureRequest,
     policyd_ports: tuple[int, int],
     transport_table: Path,
     smtp_listeners: list[tuple[str, int]],
     e2e_dir: Path,
 ) -> Iterator[PostfixInstance]:
-    """The private Postfix, configured but not started (policyd's postmap reads its main.cf)."""
+    """The private Postfix, configured but not started (policyd's postmap reads its main.cf).
+
+    It delivers over SMTP when the test module sets ``POSTFIX_DELIVERS = True``.
+    """
     instance = PostfixInstance(
         policy_port=policyd_ports[0],
         socketmap_port=policyd_ports[1],
         transport_table=transport_table,
         listeners=smtp_listeners,
+        deliver=getattr(request.module, "POSTFIX_DELIVERS", False),
         basedir=e2e_dir / "postfix",
     )
     instance.configure()
@@ -151,10 +156,23 @@ def postfix_instance(
 
 @pytest.fixture(scope="module")
 def policyd(
-    policyd_config: dict[str, Any], e2e_dir: Path, postfix_instance: PostfixInstance
+    request: pytest.FixtureRequest,
+    policyd_config: dict[str, Any],
+    e2e_dir: Path,
+    postfix_instance: PostfixInstance,
 ) -> Iterator[PolicydProcess]:
-    """The real policyd, running for the whole module; stopped by PID afterwards."""
-    process = PolicydProcess.for_postfix(policyd_config, e2e_dir / "policyd", postfix_instance)
+    """The real policyd, running for the whole module; stopped by PID afterwards.
+
+    A test module may set ``POLICYD_METRICS = True`` (a metrics listener too) and
+    ``POLICYD_ENV`` (extra environment, e.g. for a password_env secret).
+    """
+    process = PolicydProcess.for_postfix(
+        policyd_config,
+        e2e_dir / "policyd",
+        postfix_instance,
+        metrics=getattr(request.module, "POLICYD_METRICS", False),
+        env=getattr(request.module, "POLICYD_ENV", None),
+    )
     try:
         process.start()
         yield process

@@ -50,6 +50,9 @@ from .smtp_servers import NtlmAccount, RemoteServer, describe_attempts, make_sel
 
 pytestmark = pytest.mark.e2e
 
+POSTFIX_DELIVERS = True  # conftest: real SMTP delivery
+POLICYD_METRICS = True  # conftest: a metrics listener too
+
 CLIENT = "127.0.0.10"  # in relay.allow.client_networks
 SENDER = "sender@local.example"
 
@@ -61,6 +64,7 @@ PARTNER_PASSWORD = secrets.token_urlsafe(18)
 WRONG_PASSWORD = secrets.token_urlsafe(18)
 CORP_PASSWORD = secrets.token_urlsafe(18)
 DIRECT_PASSWORD = secrets.token_urlsafe(18)
+POLICYD_ENV = {DIRECT_ENV: DIRECT_PASSWORD}  # conftest: policyd's extra environment
 LEGACY_PASSWORD = secrets.token_urlsafe(18)
 LEGACY_ACCOUNT = "relay@legacy.example"
 ALL_PASSWORDS = {
@@ -196,50 +200,6 @@ def policyd_config(
             },
         },
     }
-
-
-@pytest.fixture(scope="module")
-def postfix_instance(
-    policyd_ports: tuple[int, int],
-    transport_table: Path,
-    smtp_listeners: list[tuple[str, int]],
-    e2e_dir: Path,
-) -> Iterator[PostfixInstance]:
-    """A private Postfix delivering over SMTP, wired to policyd by the shipped snippets
-    (configured here, started by conftest's ``postfix`` once policyd wrote its table)."""
-    instance = PostfixInstance(
-        policy_port=policyd_ports[0],
-        socketmap_port=policyd_ports[1],
-        transport_table=transport_table,
-        listeners=smtp_listeners,
-        deliver=True,
-        basedir=e2e_dir / "postfix",
-    )
-    instance.configure()
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def policyd(
-    policyd_config: dict[str, Any], e2e_dir: Path, postfix_instance: PostfixInstance
-) -> Iterator[PolicydProcess]:
-    """policyd with policy, socketmap and metrics listeners, writing the transport table for
-    ``postfix_instance``; stopped by PID afterwards."""
-    process = PolicydProcess.for_postfix(
-        policyd_config,
-        e2e_dir / "policyd",
-        postfix_instance,
-        metrics=True,
-        env={DIRECT_ENV: DIRECT_PASSWORD},
-    )
-    try:
-        process.start()
-        yield process
-    finally:
-        process.stop()
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -19,7 +19,6 @@ import secrets
 import smtplib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +28,9 @@ from .postfix import PostfixInstance
 from .smtp_servers import RemoteServer
 
 pytestmark = pytest.mark.e2e
+
+POSTFIX_DELIVERS = True  # conftest: real SMTP delivery
+POLICYD_METRICS = True  # conftest: a metrics listener too
 
 CLIENT = "127.0.0.66"  # outside every allowed network: relays only once authenticated
 SENDER = "sender@local.example"
@@ -67,44 +69,6 @@ def policyd_config(smart_host: RemoteServer) -> dict[str, Any]:
         "outbound": {"default": {"auth": "none", "nexthop": smart_host.nexthop}},
         "rate_limits": limits,
     }
-
-
-@pytest.fixture(scope="module")
-def postfix_instance(
-    policyd_ports: tuple[int, int],
-    transport_table: Path,
-    smtp_listeners: list[tuple[str, int]],
-    e2e_dir: Path,
-) -> Iterator[PostfixInstance]:
-    """The private Postfix, delivering over SMTP (to the smart host policyd names)."""
-    instance = PostfixInstance(
-        policy_port=policyd_ports[0],
-        socketmap_port=policyd_ports[1],
-        transport_table=transport_table,
-        listeners=smtp_listeners,
-        deliver=True,
-        basedir=e2e_dir / "postfix",
-    )
-    instance.configure()
-    try:
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
-def policyd(
-    policyd_config: dict[str, Any], e2e_dir: Path, postfix_instance: PostfixInstance
-) -> Iterator[PolicydProcess]:
-    """policyd with a metrics listener too; stopped by PID afterwards."""
-    process = PolicydProcess.for_postfix(
-        policyd_config, e2e_dir / "policyd", postfix_instance, metrics=True
-    )
-    try:
-        process.start()
-        yield process
-    finally:
-        process.stop()
 
 
 def login(postfix: PostfixInstance, user: str) -> tuple[str, str]:
