@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="request attributes, e.g. client_address=192.0.2.7 recipient=user@example.org "
         "(protocol_state defaults to RCPT)",
     )
+    limits = add(
+        "limits",
+        "Ask the running policyd (through listen.control) for a key's sending-limit budget, or "
+        "clear it: `limits show alice@example.org`, `limits reset 192.0.2.7`.",
+    )
+    limits.add_argument("action", choices=("show", "reset"), help="show the budget, or reset it")
+    limits.add_argument(
+        "key", metavar="KEY", help="a SASL login, a client address, or a /24 or /64 network"
+    )
     return parser
 
 
@@ -138,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return write_tables(args.config, sys.stdout, sys.stderr)
     if args.command == "check-postfix":
         return check_postfix(args.config, args.postfix_dir, sys.stdout, sys.stderr)
+    if args.command == "limits":
+        return limits(args.config, args.action, args.key, sys.stdout, sys.stderr)
     return explain(args.config, args.attributes, sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -164,6 +175,30 @@ def check_postfix(path: str, postfix_dir: str | None, out: TextIO, err: TextIO) 
     findings = postfix_check.check(settings, config)
     out.write(postfix_check.report(findings))
     return EXIT_CONFIG if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+def limits(path: str, action: str, key: str, out: TextIO, err: TextIO) -> int:
+    """``policyd limits show|reset KEY``: asks the running policyd; 1 when it says no."""
+    from policyd.control import ControlError, ask
+
+    config = _load(path, err)
+    if config is None:
+        return EXIT_CONFIG
+    control = config.listen.control
+    if control is None:
+        print(
+            "policyd: listen.control is not configured: the running policyd has no control "
+            "socket to ask (postfix-examples/policyd.yaml: unix:/run/policyd/control.sock)",
+            file=err,
+        )
+        return EXIT_CONFIG
+    try:
+        ok, text = ask(control.path, action, key)
+    except ControlError as error:
+        print(f"policyd: {error} (is it running? as root or the policyd user?)", file=err)
+        return EXIT_CONFIG
+    print(text, file=out if ok else err)
+    return EXIT_OK if ok else EXIT_CONFIG
 
 
 def check_config(path: str, out: TextIO, err: TextIO) -> int:

@@ -110,6 +110,8 @@ class Listen:
     socketmap: Endpoint | None = None
     metrics: Endpoint | None = None
     socketmap_allow_remote: bool = False
+    #: The administration socket (``policyd limits``): a unix socket, mode 0600.
+    control: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,7 @@ class Config:
             f"  listen.policy: {self.listen.policy}",
             f"  listen.socketmap: {self.listen.socketmap or '-'}",
             f"  listen.metrics: {self.listen.metrics or '-'}",
+            f"  listen.control: {self.listen.control or '-'}",
             f"  mode: {self.mode}",
             f"  local_domains: {len(self.local_domains)} entries",
             f"  relay.allow.authenticated: {'true' if relay.allow_authenticated else 'false'}",
@@ -463,7 +466,9 @@ class _Builder:
 
     def listen(self, node: Node) -> Listen:
         section = self.mapping(
-            node, "listen", ("policy", "socketmap", "metrics", "socketmap_allow_remote")
+            node,
+            "listen",
+            ("policy", "socketmap", "metrics", "control", "socketmap_allow_remote"),
         )
         if "policy" not in section:
             raise self.error("listen.policy", node, "missing (the policy listener is required)")
@@ -475,6 +480,14 @@ class _Builder:
         endpoints = {
             key: self.endpoint(value, f"listen.{key}") for key, (_, value) in section.items()
         }
+        control = endpoints.get("control")
+        if control is not None and control.kind != "unix":
+            raise self.error(
+                "listen.control",
+                section["control"][1],
+                f"{control} must be a unix:/path socket: its file permissions (0600, the "
+                "policyd user and root) are what keeps other users from resetting limits",
+            )
         socketmap = endpoints.get("socketmap")
         if (
             socketmap is not None
@@ -503,6 +516,7 @@ class _Builder:
             socketmap=socketmap,
             metrics=endpoints.get("metrics"),
             socketmap_allow_remote=allow_remote,
+            control=control,
         )
 
     def relay(self, node: Node) -> RelayRules:

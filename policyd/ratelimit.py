@@ -269,6 +269,25 @@ def limit_key(limit: Limit, request: PolicyRequest) -> str | None:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
+def key_of(limit: Limit, text: str) -> str | None:
+    """The key ``limit`` keeps for what an administrator typed (``policyd limits show``): a
+    login for sasl_username limits, an address (or, for client_network, its network or the
+    network itself) for the others; None when ``text`` is not that kind of key."""
+    if limit.key == "sasl_username":
+        return text.lower()
+    if "/" in text and limit.key == "client_network":
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            return None
+        wanted = 24 if network.version == 4 else 64
+        return str(network) if network.prefixlen == wanted else None
+    request = PolicyRequest.from_attributes({"client_address": text})
+    if request.client_ip is None:
+        return None
+    return limit_key(limit, request)
+
+
 def applicable(limits: RateLimits, rule: str, request: PolicyRequest) -> list[tuple[Limit, str]]:
     """The (limit, key) pairs that count an allowed relay decided by ``rule``.
 

@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from policyd.config import Config, ConfigError, Endpoint, load_config
+from policyd.control import ControlFactory
 from policyd.decision import Decision, Verdict, decide, error_decision
 from policyd.logs import Event, make_record, quote_value
 from policyd.metrics import CONFIG_LISTS, Metrics, set_config_info
@@ -34,11 +35,15 @@ from policyd.protocol import PolicyFactory
 from policyd.ratelimit import (
     BACKEND_ERROR_REPLY,
     BACKEND_ERROR_RULE,
+    Check,
+    Limit,
     Limiter,
     MemoryStore,
     Outcome,
     RateLimits,
     RedisBackend,
+    check,
+    key_of,
 )
 from policyd.redis_store import BackendError, Breaker, RedisStore
 from policyd.request import PolicyRequest
@@ -230,6 +235,51 @@ class PolicyService:
             )
         else:
             log.info("rate_limits backend %s answers again; limits are shared again", address)
+
+    # -- the control socket: policyd limits show|reset KEY ------------------------------------
+
+    def control(self, command: str, text: str) -> defer.Deferred[tuple[bool, str]]:
+        """``show`` (the budget left) or ``reset`` (a full burst again) of ``text`` under every
+        limit that keys by that kind of key. Fires (ok, text for the administrator)."""
+        limits = self.limiter.limits.limits
+        if not limits:
+            return defer.succeed((False, "no rate_limits.limits are configured"))
+        pairs = [(limit, key) for limit in limits if (key := key_of(limit, text)) is not None]
+        if not pairs:
+            return defer.succeed((False, f"{text!r} is not a key of any configured limit"))
+        if command == "reset":
+            return self._reset_limits(pairs)
+        return self._show_limits(pairs)
+
+    def _show_limits(self, pairs: list[tuple[Limit, str]]) -> defer.Deferred[tuple[bool, str]]:
+        items = [(limit.name, key, limit.rate) for limit, key in pairs]
+        if self.redis is None:
+            now = int(self.reactor.seconds() * 1_000_000)
+            store = self.limiter.store
+            checks = [check(store.tat(name, key), now, rate) for name, key, rate in items]
+            return defer.succeed((True, _budget_lines(pairs, checks, "this process")))
+        where = f"shared, {self.redis.backend.address}"
+        answer = self.redis.check_and_charge(items, charge=False)
+        return answer.addCallbacks(
+            lambda charged: (True, _budget_lines(pairs, charged.checks, where)),
+            lambda failure: (False, f"the rate_limits backend did not answer: {failure.value}"),
+        )
+
+    @defer.inlineCallbacks
+    def _reset_limits(self, pairs: list[tuple[Limit, str]]) -> Any:
+        lines = []
+        for limit, key in pairs:
+            # The per-process buckets too: the ones on_backend_error: local falls back to.
+            had = self.limiter.store.reset(limit.name, key)
+            if self.redis is not None:
+                try:
+                    had = (yield self.redis.reset(limit.name, key)) or had
+                except BackendError as err:
+                    return False, f"the rate_limits backend did not answer: {err}"
+            state = "reset: a full burst again" if had else "nothing to reset (a full burst)"
+            lines.append(f"{limit.name} ({limit.key} {key}): {state} ({limit.rate.burst})")
+            log.info("rate_limits reset by policyd limits: limit=%s", limit.name)
+        return True, "\n".join(lines)
 
     def _count_limits(self, config: Config) -> None:
         """Start the deferred series of every configured limit at zero (never removed)."""
@@ -439,6 +489,8 @@ class PolicyService:
                 port = yield endpoint.listen(self.socketmap_factory)
                 self.ports.append(port)
                 log.info("socketmap listener on %s (maps transport, sasl_passwd)", listen.socketmap)
+            if listen.control is not None:
+                yield self._listen_control(listen.control)
             if listen.metrics is not None:
                 root = Resource()  # type: ignore[no-untyped-call]
                 root.putChild(b"metrics", MetricsPage(self.metrics.registry))
@@ -464,6 +516,25 @@ class PolicyService:
                     "rate_limits backend %s not reachable at start: %s", address, failure.value
                 ),
             )
+
+    @defer.inlineCallbacks
+    def _listen_control(self, endpoint: Endpoint) -> Any:
+        """The control socket, mode 0600. Not needed for mail: if it cannot be made, say so
+        and serve without it."""
+        try:
+            listening = UNIXServerEndpoint(  # type: ignore[no-untyped-call]
+                self.reactor, endpoint.path, mode=0o600, wantPID=True
+            )
+            port = yield listening.listen(ControlFactory(self.control))  # type: ignore[no-untyped-call]
+        except Exception as err:
+            log.warning(
+                "control listener on %s failed (%s); `policyd limits` cannot reach this process",
+                endpoint,
+                err,
+            )
+            return
+        self.ports.append(port)
+        log.info("control listener on %s (policyd limits show|reset)", endpoint)
 
     def stop_listening(self) -> defer.Deferred[Any]:
         """Close every listening port."""
@@ -544,6 +615,31 @@ def server_endpoint(reactor: Any, endpoint: Endpoint) -> IStreamServerEndpoint:
     if endpoint.is_ipv6:
         return TCP6ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
     return TCP4ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
+
+
+def _budget_lines(pairs: list[tuple[Limit, str]], checks: list[Check], where: str) -> str:
+    """``policyd limits show``: one line per limit, what is left of the burst now."""
+    lines = []
+    for (limit, key), result in zip(pairs, checks, strict=True):
+        # A peek answers as if charged: what is left now is one more than after it.
+        left = result.remaining + 1 if result.allowed else 0
+        text = f"{limit.name} ({limit.key} {key}): {left} of {limit.rate.burst} left now"
+        if not result.allowed:
+            text += f"; the next passes in {_duration(result.retry_after_us)}"
+        lines.append(f"{text} [{where}; then {limit.action}]")
+    return "\n".join(lines)
+
+
+def _duration(microseconds: int) -> str:
+    seconds = -(-microseconds // 1_000_000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{hours}h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes}m")
+    if seconds or not parts:
+        parts.append(f"{seconds}s")
+    return " ".join(parts)
 
 
 def decision_fields(attributes: Mapping[str, str], decision: Decision) -> list[tuple[str, str]]:

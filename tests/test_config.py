@@ -165,3 +165,11 @@ def test_never_sasl_usernames_casefolded() -> None:
     """The never-list of SASL names is stored case-folded."""
     config = parse_config(LISTEN + "relay: {never: {sasl_usernames: [Bob@Example.COM]}}\n")
     assert config.relay.never_sasl_usernames == frozenset({"bob@example.com"})
+
+
+def test_control_socket_must_be_a_unix_socket() -> None:
+    listen = 'listen: {policy: "inet:127.0.0.1:10040", control: "CONTROL"}\n'
+    config = parse_config(listen.replace("CONTROL", "unix:/run/policyd/control.sock"))
+    assert config.listen.control == Endpoint("unix", path="/run/policyd/control.sock")
+    with pytest.raises(ConfigError, match=r"listen\.control: .* must be a unix:/path socket"):
+        parse_config(listen.replace("CONTROL", "inet:127.0.0.1:10042"))

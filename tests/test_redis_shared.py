@@ -69,7 +69,7 @@ def test_two_policyd_share_one_limit(tmp_path: Path, redis_with_acl: RedisServer
     secret.write_text(redis_with_acl.password + "\n")
     secret.chmod(0o600)
     processes = [
-        PolicydProcess(config(redis_with_acl, secret), tmp_path / name, metrics=True)
+        PolicydProcess(config(redis_with_acl, secret), tmp_path / name, metrics=True, control=True)
         for name in ("mx1", "mx2")
     ]
     try:
@@ -79,13 +79,24 @@ def test_two_policyd_share_one_limit(tmp_path: Path, redis_with_acl: RedisServer
         answers = [ask(processes[n % 2], "192.0.2.7", f"u{n}@remote.example") for n in range(8)]
         other = ask(processes[1], "192.0.2.8", "other@remote.example")
         scraped = [process.scrape() for process in processes]
+        # The administrator asks either host: the budget is the shared one.
+        config_file = str(processes[1].config_path)
+        shown = processes[1].cli("limits", "show", "192.0.2.7", "--config", config_file)
+        reset = processes[0].cli(
+            "limits", "reset", "192.0.2.7", "-c", str(processes[0].config_path)
+        )
+        after = ask(processes[1], "192.0.2.7", "after@remote.example")
     finally:
         for process in processes:
             process.stop()
     # One budget of 5 for 192.0.2.7, however the requests are spread over the two hosts.
     assert answers == ["action=OK"] * 5 + [DEFERRED] * 3
     assert other == "action=OK"  # another key, its own budget
-    assert redis_with_acl.command("EXISTS", "policyd:limit:host:192.0.2.7") == "1"
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("host (client_address 192.0.2.7): 0 of 5 left now; the next")
+    assert f"[shared, {redis_with_acl.address}; then defer]" in shown.stdout
+    assert reset.stdout.strip() == "host (client_address 192.0.2.7): reset: a full burst again (5)"
+    assert after == "action=OK"
     for text in scraped:
         assert "policyd_rate_limit_backend_up 1.0" in text
         assert 'policyd_rate_limit_backend_errors_total{reason="connection"} 0.0' in text

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -65,6 +67,7 @@ class PolicydProcess:
         socketmap: bool = True,
         socketmap_port: int | None = None,
         metrics: bool = False,
+        control: bool = False,
         env: dict[str, str] | None = None,
         transport_table: Path | None = None,
         postfix_config_dir: Path | None = None,
@@ -74,6 +77,10 @@ class PolicydProcess:
         self.port = port if port is not None else free_port(host)
         self.socketmap_port = (socketmap_port or free_port(host)) if socketmap else None
         self.metrics_port = free_port(host) if metrics else None
+        # A short path of its own: a unix socket's path is limited to 107 bytes.
+        self.control_path = (
+            Path(tempfile.mkdtemp(prefix="policyd-ctl-")) / "control.sock" if control else None
+        )
         self.transport_table = transport_table
         self.postfix_config_dir = postfix_config_dir
         self.extra_args = list(extra_args)
@@ -116,6 +123,8 @@ class PolicydProcess:
             listen["socketmap"] = f"inet:{self.host}:{self.socketmap_port}"
         if self.metrics_port is not None:
             listen["metrics"] = f"inet:{self.host}:{self.metrics_port}"
+        if self.control_path is not None:
+            listen["control"] = f"unix:{self.control_path}"
         if self.transport_table is not None:
             outbound = config.setdefault("outbound", {})
             table = outbound.setdefault("transport_table", {"path": EXAMPLE_TRANSPORT_TABLE_PATH})
@@ -163,6 +172,8 @@ class PolicydProcess:
         """Start policyd; return once all its ports accept connections (bounded)."""
         if self.process is not None and self.process.poll() is None:
             raise PolicydError(f"policyd already runs as PID {self.process.pid}")
+        if self.control_path is not None:
+            self.control_path.parent.mkdir(mode=0o700, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"=== {' '.join(self.argv)}\n".encode())
             log.flush()
@@ -214,6 +225,8 @@ class PolicydProcess:
             return self.returncode
         self.returncode = terminate(process, timeout)
         self.process = None
+        if self.control_path is not None:
+            shutil.rmtree(self.control_path.parent, ignore_errors=True)
         return self.returncode
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
