@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= postfix-examples/policyd.yaml
 
-.PHONY: run test lint typecheck pytest system-deps venv bench clean
+.PHONY: run test lint typecheck pytest system-deps venv bench bench-limits clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ test: system-deps venv lint typecheck pytest
 BENCH_ARGS ?=
 bench: system-deps venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/limits.py $(BENCH_LIMITS_ARGS)
+
+# make bench-limits [BENCH_LIMITS_ARGS="--quick"]: only the sending-limits part (bench/limits.py):
+# limits off, in process and in Redis side by side, and Redis failing under load.
+BENCH_LIMITS_ARGS ?=
+bench-limits: system-deps venv
+	$(BIN)/python bench/limits.py $(BENCH_LIMITS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -24,6 +24,7 @@ class RedisServer:
         self.socket = directory / "redis.sock"
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     @property
     def address(self) -> str:
@@ -73,10 +74,16 @@ class RedisServer:
     def pause(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        self.paused = True
 
     def resume(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+        self.paused = False
+
+    def resume_if_paused(self) -> None:
+        if self.paused and self.process is not None:
+            self.resume()
 
     def command(self, *arguments: str) -> str:
         auth = ["--user", "policyd", "--pass", self.password] if self.password else []
