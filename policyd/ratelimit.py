@@ -263,10 +263,15 @@ def limit_key(limit: Limit, request: PolicyRequest) -> str | None:
     address = request.client_ip
     if address is None:
         return None
+    text = str(address)
     if limit.key == "client_address":
-        return str(address)
-    prefix = 24 if address.version == 4 else 64
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        return text
+    if address.version == 4:
+        # The /24 from the dotted quad itself: parsing a network per request costs more than
+        # the rest of the limit check.
+        return text[: text.rindex(".")] + ".0/24"
+    network = ipaddress.IPv6Address(int(address) >> 64 << 64)
+    return f"{network}/64"
 
 
 def key_of(limit: Limit, text: str) -> str | None:

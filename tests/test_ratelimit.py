@@ -23,6 +23,7 @@ from policyd.ratelimit import (
     RateLimits,
     applicable,
     check,
+    limit_key,
     parse_rate,
     remaining,
 )
@@ -414,3 +415,19 @@ def test_breaker() -> None:
     assert breaker.allow()
     breaker.success()
     assert not breaker.is_open and breaker.allow() and changes == [True, False]
+
+
+@given(address=st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)))
+def test_client_network_key_is_the_24_or_64(address: Any) -> None:
+    """The key computed from the address text equals the network ``ipaddress`` gives."""
+    import ipaddress
+
+    limit = _limits(
+        "rate_limits:\n  limits:\n    - {name: n, applies_to: [relay.allow.client_networks],"
+        " key: client_network, rate: 1/1h}\n"
+    ).limits[0]
+    request = PolicyRequest.from_attributes({"client_address": str(address)})
+    ip = request.client_ip
+    assert ip is not None
+    expected = ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 64}", strict=False)
+    assert limit_key(limit, request) == str(expected)
