@@ -68,6 +68,18 @@ def answer(service: PolicyService, attributes: dict[str, str]) -> defer.Deferred
     return defer.maybeDeferred(service.handle, attributes)
 
 
+def fail(redis_server: RedisServer, failure: str) -> None:
+    """Stop Redis, hang it (SIGSTOP) or pause it (CLIENT PAUSE)."""
+    if failure == "paused":
+        # Long enough for a test (three 50 ms deadlines), short enough to end by itself:
+        # while paused Redis answers no client, a CLIENT UNPAUSE included.
+        redis_server.command("CLIENT", "PAUSE", "3000", "ALL")
+    elif failure == "hung":
+        redis_server.pause()
+    else:
+        redis_server.stop()
+
+
 def sample(service: PolicyService, name: str, **labels: str) -> float:
     return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -106,14 +118,7 @@ def test_redis_down_falls_back_and_never_allows_a_denial(
     """Redis stopped, hung (SIGSTOP) or paused (CLIENT PAUSE): the allowed relays are answered
     by on_backend_error; the denials are answered at once, as always; after three failures
     the breaker opens and the answers are immediate, the store no longer called."""
-    if failure == "paused":
-        # Long enough for this test (three 50 ms deadlines), short enough to end by itself:
-        # while paused Redis answers no client, a CLIENT UNPAUSE included.
-        redis_server.command("CLIENT", "PAUSE", "3000", "ALL")
-    elif failure == "hung":
-        redis_server.pause()
-    else:
-        redis_server.stop()
+    fail(redis_server, failure)
 
     @defer.inlineCallbacks
     def work(reactor: Any) -> Any:
@@ -153,10 +158,7 @@ def test_redis_down_falls_back_and_never_allows_a_denial(
 def test_recovery_when_redis_returns(make: Any, redis_server: RedisServer, failure: str) -> None:
     """Once Redis answers again, the next probe (after the breaker's open time) closes the
     breaker and the limits are shared again."""
-    if failure == "hung":
-        redis_server.pause()
-    else:
-        redis_server.stop()
+    fail(redis_server, failure)
 
     @defer.inlineCallbacks
     def work(reactor: Any) -> Any:
