@@ -6,6 +6,11 @@ bang paths, quoted or doubled ``@``, source routes, unlisted address literals) a
 attempts and never local mail. Wherever the reading is uncertain the answer is "not local":
 policyd may be stricter than Postfix's ``reject_unauth_destination``, never looser.
 
+Addresses are read in Postfix's *internal* form, the form Postfix sends in the policy
+``recipient`` attribute: quoting is already removed (``"a b"@x`` arrives as ``a b@x``,
+``"a\\"b"@x`` as ``a"b@x``, ``"user@remote"@x`` as ``user@remote@x``), so quotes and
+backslashes are ordinary characters of a local part, as they are to Postfix's resolver.
+
 Pure functions over strings; no I/O.
 """
 
@@ -44,8 +49,8 @@ _MAX_ADDRESS_LENGTH = 4096
 # Domains per generation of a DomainSet's destination memo (two generations: at most 16,384
 # domains, about 4 MiB even for domains of 64 characters).
 _MAX_MEMO_DOMAINS = 8192
-# Characters that route or quote: an address without them (and with one "@") is plain.
-_ROUTING_OR_QUOTING = re.compile(r'[%!"\\<>]')
+# Characters that route in a local part: an address without them (and with one "@") is plain.
+_ROUTING = re.compile(r"[%!]")
 
 
 class DomainError(ValueError):
@@ -84,13 +89,20 @@ def _normalize_literal(literal: str, entry: str) -> str:
 
 
 def _to_ascii(domain: str, entry: str) -> str:
-    """Map a Unicode domain to lowercase A-labels (UTS #46, non-transitional)."""
+    """Map a Unicode domain to lowercase A-labels (UTS #46, non-transitional).
+
+    Only letter case may differ: a domain that UTS #46 would change in any other way
+    (fullwidth letters, the ideographic and fullwidth full stops, compatibility forms) is
+    refused. Postfix compares domains as written, folding only case, so "local", U+3002,
+    "example" is not its ``local.example``; matching it here would make policyd call local
+    what Postfix delivers elsewhere (found by the differential tests).
+    """
     try:
         mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False)
     except ValueError as err:
         raise DomainError(entry) from err
-    # Mapping may turn ideographic full stops into dots; one trailing dot is still ignored.
-    mapped = mapped.removesuffix(".")
+    if mapped != domain.lower():
+        raise DomainError(entry)
     labels: list[str] = []
     for label in mapped.split("."):
         if label.isascii():
@@ -124,7 +136,9 @@ def normalize_domain(text: str) -> str:
     - Letters are lowercased; a Unicode domain, in any letter case, becomes its IDNA A-label
       form by UTS #46 non-transitional mapping (``BÜCHER.example`` and
       ``xn--bcher-kva.example`` both normalize to ``xn--bcher-kva.example``). A-labels given
-      in ASCII are only lowercased.
+      in ASCII are only lowercased. A domain the mapping would change in any other way than
+      case (fullwidth letters, the full stops U+3002, U+FF0E, U+FF61) is refused: Postfix
+      does not take it for the same domain.
     - Labels are 1..63 characters of letters, digits, ``-`` and ``_``, not starting or
       ending with ``-`` (digits-only labels and underscores occur in real DNS names); the
       whole name is at most 253 characters.
@@ -319,49 +333,6 @@ def _unresolved(reason: str) -> Destination:
     return Destination(local=False, domain=None, reason=reason)
 
 
-def _dequote(address: str) -> str | None:
-    """Remove quoting the way Postfix's resolve_dequoted_address=yes does, or None.
-
-    Double quotes are dropped and a backslash escapes the next character, so that routing
-    characters inside quotes (``"user@remote.example"@local.example``) take effect. None
-    when the quoting is broken, when quotes or escapes appear in the domain (after the last
-    unquoted ``@``, where RFC 5321 allows none), or when an unquoted ``<`` or ``>`` remains.
-    """
-    if not any(char in address for char in '"\\<>'):
-        return address
-    out: list[str] = []
-    quoted = False
-    seen_at = False
-    special_since_at = False
-    index = 0
-    length = len(address)
-    while index < length:
-        char = address[index]
-        if char == "\\":
-            if index + 1 == length:
-                return None
-            out.append(address[index + 1])
-            special_since_at = True
-            index += 2
-            continue
-        if char == '"':
-            quoted = not quoted
-            special_since_at = True
-        elif quoted:
-            out.append(char)
-        elif char in "<>":
-            return None
-        else:
-            if char == "@":
-                seen_at = True
-                special_since_at = False
-            out.append(char)
-        index += 1
-    if quoted or (seen_at and special_since_at):
-        return None
-    return "".join(out)
-
-
 def _split_source_route(address: str) -> tuple[list[str], str] | None:
     """Split ``@hop1,@hop2:rest`` into (["hop1", "hop2"], "rest"), or None if malformed.
 
@@ -401,7 +372,7 @@ class _Router:
         return self.resolve(rest, hops + 1, checked.domain)
 
     def resolve(self, address: str, hops: int, via: str | None) -> Destination:
-        """Destination of the dequoted ``address``, reached after ``hops`` local hops.
+        """Destination of ``address``, reached after ``hops`` local hops.
 
         ``via`` is the last local domain passed, None when nothing routed yet.
         """
@@ -416,11 +387,13 @@ class _Router:
             return _unresolved("too many routing hops")
         if not address:
             return _unresolved("empty address")
-        if address.startswith("@"):
+        if address.startswith("@") and ":" in address:
             return self._source_route(address, hops, via)
         local_part, at, domain = address.rpartition("@")
         if at:
             if not local_part:
+                if via is None:
+                    return self._empty_local_part(domain)
                 return _unresolved("empty local part")
             route = "address" if via is None else "sender-specified route"
             return self._hop(domain, hops, route, local_part)
@@ -448,6 +421,17 @@ class _Router:
             return Destination(True, None, "bare local part")
         return _local(via)
 
+    def _empty_local_part(self, raw: str) -> Destination:
+        """``@domain``: what Postfix makes of ``""@domain`` (its internal form).
+
+        Postfix delivers an empty local part to MAILER-DAEMON at that domain: local mail when
+        the domain is local, a relay attempt to it otherwise.
+        """
+        checked = self._local_domains.check_domain(raw, "address")
+        if not checked.local:
+            return checked
+        return Destination(True, checked.domain, "empty local part (MAILER-DAEMON)")
+
     def _source_route(self, address: str, hops: int, via: str | None) -> Destination:
         """``@hop1,@hop2:rest``: every hop and the rest must be local.
 
@@ -470,47 +454,45 @@ class _Router:
 
 
 def resolve_destination(recipient: str, local_domains: DomainSet) -> Destination:
-    """Judge where mail to ``recipient`` goes, as a router would read the address.
+    """Judge where mail to ``recipient`` goes, as Postfix's resolver would read the address.
 
-    ``recipient`` is the raw address (Postfix's ``recipient`` attribute), optionally in one
-    pair of angle brackets. It is dequoted first (quoted ``@ % ! :`` count as routing
-    characters, like Postfix's resolve_dequoted_address=yes), then read as follows:
+    ``recipient`` is in Postfix's internal form (the policy ``recipient`` attribute): no
+    quoting, no angle brackets. It is read as follows:
 
-    - ``@hop1,@hop2:rest`` (source route): every hop must be local, and so must ``rest``.
+    - ``@hop1,@hop2:rest`` (source route): every hop must be local, and so must ``rest``
+      (Postfix ignores the route; policyd is stricter).
     - Otherwise the address splits at its last ``@``; a domain that is not local makes it a
       relay attempt to that domain. Beyond a local domain the local part is read again: an
-      ``@`` in it is another address (``user@remote.example@local.example``); otherwise the
-      leftmost ``!`` (``remote.example!user``) and the rightmost ``%``
-      (``user%remote.example``) are routes to a next hop. With both, each reading is
-      followed, and the address is local only if every reading is.
+      ``@`` in it is another address (``user@remote.example@local.example``, which is what
+      ``"user@remote.example"@local.example`` becomes); otherwise the leftmost ``!``
+      (``remote.example!user``) and the rightmost ``%`` (``user%remote.example``) are routes
+      to a next hop. With both, each reading is followed, and the address is local only if
+      every reading is. Quotes, backslashes and angle brackets are ordinary characters.
+    - An empty local part (``@local.example``, from ``""@local.example``) is local mail at a
+      local domain, as Postfix delivers it to MAILER-DAEMON there.
     - An address without ``@`` gets the same local-part reading: ``postmaster`` is a local
       bare local part, ``remote.example!user`` a relay attempt.
     - A domain matches ``local_domains`` by normalize_domain's rules; an address literal is
-      local only if listed.
+      local only if listed (Postfix also takes its own interface addresses as local; policyd
+      does not).
 
-    Empty or unparseable input, empty domains or local parts next to routing characters,
-    domains that do not normalize, more than a few routing hops and addresses longer than
-    4096 characters give a non-local Destination with ``domain`` None. Never raises for any
-    string.
+    Empty input, empty domains or local parts next to routing characters, domains that do not
+    normalize (a quote, a bracket or a space in a domain included), more than a few routing
+    hops and addresses longer than 4096 characters give a non-local Destination with
+    ``domain`` None. Never raises for any string.
     """
     if len(recipient) > _MAX_ADDRESS_LENGTH:
         return _unresolved("address too long")
-    address = recipient
-    if len(address) >= 2 and address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    if not address:
+    if not recipient:
         return _unresolved("empty address")
-    # The common case, ``local@domain`` with nothing that routes or quotes: where it goes
-    # depends on the domain alone (the full reading below gives the same answer).
-    local_part, _, domain = address.rpartition("@")
-    if local_part and "@" not in local_part and _ROUTING_OR_QUOTING.search(address) is None:
+    # The common case, ``local@domain`` with nothing that routes: where it goes depends on
+    # the domain alone (the full reading below gives the same answer).
+    local_part, _, domain = recipient.rpartition("@")
+    if local_part and "@" not in local_part and _ROUTING.search(local_part) is None:
         return local_domains.destination_of_domain(domain)
-    return _resolve_routed(address, local_domains)
+    return _resolve_routed(recipient, local_domains)
 
 
 def _resolve_routed(address: str, local_domains: DomainSet) -> Destination:
-    """resolve_destination's full reading of ``address`` (angle brackets already removed)."""
-    dequoted = _dequote(address)
-    if dequoted is None:
-        return _unresolved("unparseable address")
-    return _Router(local_domains).resolve(dequoted, 0, None)
+    """resolve_destination's full reading of ``address``."""
+    return _Router(local_domains).resolve(address, 0, None)

@@ -59,7 +59,8 @@ LOCAL_RECIPIENTS = [
     "user@local.example",
     "USER@LOCAL.EXAMPLE",
     "user@local.example.",
-    "<user@local.example>",
+    'a"b@local.example',  # Postfix's internal form of "a\"b"@local.example
+    "@local.example",  # and of ""@local.example (MAILER-DAEMON)
     "user@a.sub.local.example",
     "user@[192.0.2.25]",
     "user@[IPv6:2001:db8::25]",
@@ -74,6 +75,8 @@ LOCAL_RECIPIENTS = [
 
 RELAY_RECIPIENTS = [
     "user@remote.example",
+    "<user@local.example>",  # Postfix never sends brackets: not a valid domain
+    "user@local\u3002example",  # UTS #46 would map the full stop; Postfix does not
     "user@sub.local.example",  # ".sub.local.example" covers subdomains only
     "user@other.local.example",  # no entry covers it
     "user%remote.example@local.example",
