@@ -76,6 +76,30 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def last_setting_wins(main_cf: str) -> str:
+    """``main_cf`` with every parameter assignment but the last of its name removed (with its
+    continuation lines), which is what Postfix makes of it anyway. Postfix warns about each
+    overridden entry in every process it starts, postlogd included; postlogd sends its own
+    warnings to its own socket before it reads it, so more than net.unix.max_dgram_qlen (10)
+    of them deadlock it, and with it every process that logs: smtpd never sends its banner."""
+    entries: list[tuple[str | None, list[str]]] = []
+    for line in main_cf.splitlines():
+        if line[:1].isspace() and line.strip() and entries:
+            entries[-1][1].append(line)
+            continue
+        name, equals, _ = line.partition("=")
+        setting = name.strip() if equals and not line.lstrip().startswith("#") else None
+        entries.append((setting, [line]))
+    last = {name: index for index, (name, _) in enumerate(entries) if name}
+    kept = [
+        line
+        for index, (name, lines) in enumerate(entries)
+        if name is None or last[name] == index
+        for line in lines
+    ]
+    return "\n".join(kept) + "\n"
+
+
 class PostfixError(RuntimeError):
     """The private Postfix could not be configured, started or stopped."""
 
@@ -380,7 +404,7 @@ class PostfixInstance:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.data_dir, postfix_uid, postfix_gid)
 
-        (self.config_dir / "main.cf").write_text(self._main_cf())
+        (self.config_dir / "main.cf").write_text(last_setting_wins(self._main_cf()))
         (self.config_dir / "master.cf").write_text(self._master_cf())
         system_dynamicmaps = Path("/etc/postfix/dynamicmaps.cf")
         if system_dynamicmaps.is_file():
