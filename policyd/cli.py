@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -152,9 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return explain(args.config, args.attributes, sys.stdin, sys.stdout, sys.stderr)
 
 
-def _load(path: str, err: TextIO) -> Config | None:
+def _load(path: str, err: TextIO, trusted_uids: frozenset[int] | None = None) -> Config | None:
     try:
-        return load_config(path)
+        return load_config(path, trusted_uids)
     except ConfigError as error:
         print(f"policyd: configuration error: {error}", file=err)
         return None
@@ -314,7 +315,10 @@ def serve(
     # Before any child process (postmap) starts: it takes systemd's variables out of the
     # environment, so that only this process notifies.
     notifier = Notifier()
-    config = _load(path, sys.stderr)
+    # The files that decide who relays must be root's or this user's, and nobody else's to
+    # change (load_config); the same holds for every reload.
+    trusted_uids = frozenset({0, os.geteuid()})
+    config = _load(path, sys.stderr, trusted_uids)
     if config is None:
         return EXIT_CONFIG
     from policyd.service import write_tables as write
@@ -360,6 +364,7 @@ def serve(
         Metrics(CollectorRegistry()),
         log_all_decisions=verbose,
         write_tables=write_tables,
+        trusted_uids=trusted_uids,
     )
     service.record_table_write(written)
     failures: list[Any] = []

@@ -219,10 +219,48 @@ class Config:
 # Loading
 
 
-def load_config(path: str | Path) -> Config:
+def untrusted_reason(path: Path, trusted_uids: frozenset[int]) -> str | None:
+    """Why the file at ``path`` may not decide who relays, or None.
+
+    A file others can change is a way to turn the server into an open relay: it must be owned
+    by one of ``trusted_uids`` (root and the user policyd runs as), not writable by group or
+    others, and in a directory that is neither (unless the directory is sticky, like /tmp,
+    where others cannot replace a file they do not own).
+    """
+    try:
+        info = path.stat()
+        directory = path.parent.stat()
+    except OSError as err:
+        return f"cannot check {path}: {err.strerror or err}"
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in trusted_uids:
+        return (
+            f"{path} is owned by uid {info.st_uid}, not by root or the user policyd runs as "
+            f"(uid {', '.join(map(str, sorted(trusted_uids)))}); chown it"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by others than its owner (mode {mode:04o}); chmod go-w it"
+    sticky = directory.st_mode & stat.S_ISVTX
+    if not sticky and directory.st_uid not in trusted_uids:
+        return (
+            f"{path.parent}, the directory of {path.name}, is owned by uid {directory.st_uid},"
+            " not by root or the user policyd runs as; others could replace the file"
+        )
+    if not sticky and directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path.parent}, the directory of {path.name}, is writable by others than its "
+            f"owner (mode {stat.S_IMODE(directory.st_mode):04o}); others could replace the file"
+        )
+    return None
+
+
+def load_config(path: str | Path, trusted_uids: frozenset[int] | None = None) -> Config:
     """Read, validate and compile the configuration file at ``path``.
 
-    Raises ``ConfigError`` for anything wrong, naming the key path and line.
+    With ``trusted_uids`` (``serve`` and its reloads pass root and the user it runs as), the
+    configuration, every ``file:`` list and every password file must pass
+    ``untrusted_reason``. Raises ``ConfigError`` for anything wrong, naming the key path and
+    line.
     """
     path = Path(path)
     try:
@@ -231,11 +269,21 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"cannot read {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{path} is not valid UTF-8") from None
-    return parse_config(text, source=str(path), base_dir=path.parent)
+    if trusted_uids is not None:
+        reason = untrusted_reason(path, trusted_uids)
+        if reason is not None:
+            raise ConfigError("", f"refusing an unsafe file: {reason}")
+    return parse_config(text, source=str(path), base_dir=path.parent, trusted_uids=trusted_uids)
 
 
-def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate and compile configuration ``text``; ``file:`` paths resolve against base_dir."""
+def parse_config(
+    text: str,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    trusted_uids: frozenset[int] | None = None,
+) -> Config:
+    """Validate and compile configuration ``text``; ``file:`` paths resolve against base_dir;
+    with ``trusted_uids`` the files it names are checked (see load_config)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
@@ -244,7 +292,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError("", f"YAML syntax error: {err.problem or err}", where) from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"YAML error: {err}", source) from None
-    builder = _Builder(source, base_dir or Path.cwd())
+    builder = _Builder(source, base_dir or Path.cwd(), trusted_uids)
     builder.digest.update(text.encode("utf-8"))
     return builder.build(root)
 
@@ -266,10 +314,13 @@ _REJECT_CODE = re.compile(
 class _Builder:
     """Walks the composed YAML node tree, remembering each node's line for error messages."""
 
-    def __init__(self, source: str, base_dir: Path) -> None:
+    def __init__(
+        self, source: str, base_dir: Path, trusted_uids: frozenset[int] | None = None
+    ) -> None:
         self.source = source
         self.name = Path(source).name
         self.base_dir = base_dir
+        self.trusted_uids = trusted_uids
         self.file_lists: list[str] = []
         self.digest = hashlib.sha256()
         self.warnings: list[str] = []
@@ -281,6 +332,14 @@ class _Builder:
     def error(self, path: str, node: Node | None, message: str) -> ConfigError:
         where = f"{self.name}:{node.start_mark.line + 1}" if node is not None else self.name
         return ConfigError(path, message, where)
+
+    def check_trusted(self, file_path: Path, path: str, node: Node) -> None:
+        """With trusted_uids, refuse a file others could change (see untrusted_reason)."""
+        if self.trusted_uids is None:
+            return
+        reason = untrusted_reason(file_path, self.trusted_uids)
+        if reason is not None:
+            raise self.error(path, node, f"refusing an unsafe file: {reason}")
 
     def mapping(
         self, node: Node, path: str, allowed: tuple[str, ...]
@@ -367,6 +426,7 @@ class _Builder:
             ) from None
         except UnicodeDecodeError:
             raise self.error(path, node, f"{file_path} is not valid UTF-8") from None
+        self.check_trusted(file_path, path, node)
         self.file_lists.append(str(file_path))
         self.digest.update(b"\0file:" + str(file_path).encode() + b"\0" + content.encode("utf-8"))
         for number, raw in enumerate(content.splitlines(), start=1):
@@ -994,6 +1054,7 @@ class _Builder:
                 raise self.error(
                     f"{path}.password_file", file_node, f"{file_path} is not valid UTF-8"
                 ) from None
+            self.check_trusted(file_path, f"{path}.password_file", file_node)
             if value.endswith("\n"):
                 value = value[:-1]
                 if value.endswith("\r"):

@@ -74,9 +74,12 @@ class PolicyService:
         *,
         log_all_decisions: bool = False,
         write_tables: bool = True,
+        trusted_uids: frozenset[int] | None = None,
     ) -> None:
         self.config_path = config_path
         self.write_tables = write_tables
+        #: Who may own the files a reload reads (None: not checked); see load_config.
+        self.trusted_uids = trusted_uids
         self.config = config
         #: What listeners and the limits' store were built from (reloads change neither).
         self.config_at_start = config
@@ -361,7 +364,7 @@ class PolicyService:
         Nothing here touches the configuration in use. Raises ``ConfigError`` or
         ``TableWriteError``; the tables are then as they were before.
         """
-        config = load_config(self.config_path)
+        config = load_config(self.config_path, self.trusted_uids)
         written = write_tables(config) if self.write_tables else None
         return config, written
 

@@ -218,6 +218,32 @@ def test_reload_rereads_file_lists(tmp_path: Path) -> None:
         process.stop()
 
 
+def test_reload_refuses_a_file_list_others_can_write(tmp_path: Path) -> None:
+    """A reload whose file: list became writable by others is refused (docs/security.md):
+    the rules in use keep answering, unchanged."""
+    networks = tmp_path / "networks"
+    networks.write_text("192.0.2.0/24\n")
+    networks.chmod(0o644)
+    process = PolicydProcess(
+        {"relay": {"allow": {"client_networks": [f"file:{networks}"]}}}, tmp_path / "run"
+    )
+    process.start()
+    try:
+        client = connect(process)
+        networks.write_text("192.0.2.0/24\n198.51.100.0/24\n")
+        networks.chmod(0o666)
+        assert process.process is not None
+        process.process.send_signal(signal.SIGHUP)
+        line = process.wait_for_log("reload failed")
+        assert "refusing an unsafe file" in line
+        assert "writable by others than its owner (mode 0666)" in line
+        assert client.ask("198.51.100.7", "u@remote.example").startswith("action=550")
+        assert client.ask("192.0.2.7", "u@remote.example") == "action=OK"
+        client.close()
+    finally:
+        process.stop()
+
+
 def test_sigterm_with_idle_connection_exits_zero(policyd: PolicydProcess) -> None:
     """SIGTERM stops policyd (exit 0) even with an idle persistent connection open."""
     client = connect(policyd)
