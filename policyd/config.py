@@ -133,6 +133,11 @@ class Limits:
     max_attributes: int = 100
     request_timeout_seconds: float = 30.0
     idle_timeout_seconds: float = 900.0
+    #: Open policy connections at most; one more is closed at once (Postfix: default_action).
+    max_connections: int = 4096
+    #: The kernel's queue of connections not yet accepted, per listener (Twisted's default is
+    #: 50; the kernel caps it at net.core.somaxconn). Takes effect at restart.
+    listen_backlog: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,6 +664,8 @@ class _Builder:
             "max_attributes": (10, 10000, True),
             "request_timeout_seconds": (1, 3600, False),
             "idle_timeout_seconds": (1, 86400, False),
+            "max_connections": (1, 1_000_000, True),
+            "listen_backlog": (1, 65535, True),
         }
         section = self.mapping(node, "limits", tuple(bounds))
         values: dict[str, float] = {}
@@ -677,6 +684,8 @@ class _Builder:
                 "request_timeout_seconds", defaults.request_timeout_seconds
             ),
             idle_timeout_seconds=values.get("idle_timeout_seconds", defaults.idle_timeout_seconds),
+            max_connections=int(values.get("max_connections", defaults.max_connections)),
+            listen_backlog=int(values.get("listen_backlog", defaults.listen_backlog)),
         )
         if limits.max_request_bytes < limits.max_line_bytes:
             raise self.error(

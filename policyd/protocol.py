@@ -40,6 +40,7 @@ REASONS = (
     "request_timeout",
     "disconnect_mid_request",
     "handler_failure",
+    "connection_limit",
 )
 
 
@@ -381,7 +382,12 @@ class PolicyFactory(Factory):
         self._on_change = on_connections_changed
         self._drained: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> PolicyProtocol | None:
+        if len(self.connections) >= self.limits.max_connections:
+            # Twisted closes a connection the factory builds nothing for. Postfix then takes
+            # its default_action (451 in the shipped main.cf): mail waits, nothing relays.
+            self.report_error("connection_limit", describe_address(addr))
+            return None
         protocol = PolicyProtocol(self)
         if self._on_change is not None:
             self._on_change(len(self.connections) + 1)
@@ -429,7 +435,13 @@ def describe_peer(transport: object) -> str:
     get_peer = getattr(transport, "getPeer", None)
     if get_peer is None:
         return "unknown"
-    peer = get_peer()
+    return describe_address(get_peer())
+
+
+def describe_address(peer: object) -> str:
+    """An address (IPv4Address, IPv6Address, UNIXAddress) as describe_peer writes it."""
+    if peer is None:
+        return "unknown"
     host = getattr(peer, "host", None)
     port = getattr(peer, "port", None)
     if host is not None and port is not None:

@@ -483,12 +483,13 @@ class PolicyService:
     def start(self) -> Any:
         """Listen on the policy (and metrics) endpoints. Fails if any cannot be bound."""
         listen = self.config.listen
+        backlog = self.config.limits.listen_backlog
         try:
-            port = yield server_endpoint(self.reactor, listen.policy).listen(self.factory)
+            port = yield server_endpoint(self.reactor, listen.policy, backlog).listen(self.factory)
             self.ports.append(port)
             log.info("policy listener on %s", listen.policy)
             if listen.socketmap is not None:
-                endpoint = server_endpoint(self.reactor, listen.socketmap)
+                endpoint = server_endpoint(self.reactor, listen.socketmap, backlog)
                 port = yield endpoint.listen(self.socketmap_factory)
                 self.ports.append(port)
                 log.info("socketmap listener on %s (maps transport, sasl_passwd)", listen.socketmap)
@@ -502,7 +503,7 @@ class PolicyService:
                 site = Site(root)  # type: ignore[no-untyped-call]
                 site.noisy = False
                 site.log = lambda request: None  # type: ignore[method-assign]
-                port = yield server_endpoint(self.reactor, listen.metrics).listen(site)
+                port = yield server_endpoint(self.reactor, listen.metrics, backlog).listen(site)
                 self.ports.append(port)
                 log.info(
                     "metrics listener on %s (HTTP /metrics, /healthz, /readyz)", listen.metrics
@@ -611,13 +612,13 @@ def write_tables(config: Config) -> TableWrite | None:
     return write_transport_table(settings, rows, source=config.source)
 
 
-def server_endpoint(reactor: Any, endpoint: Endpoint) -> IStreamServerEndpoint:
+def server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 50) -> IStreamServerEndpoint:
     """The Twisted server endpoint for a Postfix-notation listening address."""
     if endpoint.kind == "unix":
-        return UNIXServerEndpoint(reactor, endpoint.path, mode=0o666, wantPID=True)  # type: ignore[no-untyped-call]
+        return UNIXServerEndpoint(reactor, endpoint.path, backlog, mode=0o666, wantPID=True)  # type: ignore[no-untyped-call]
     if endpoint.is_ipv6:
-        return TCP6ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
-    return TCP4ServerEndpoint(reactor, endpoint.port, interface=endpoint.host)  # type: ignore[no-untyped-call]
+        return TCP6ServerEndpoint(reactor, endpoint.port, backlog, interface=endpoint.host)  # type: ignore[no-untyped-call]
+    return TCP4ServerEndpoint(reactor, endpoint.port, backlog, interface=endpoint.host)  # type: ignore[no-untyped-call]
 
 
 def _budget_lines(pairs: list[tuple[Limit, str]], checks: list[Check], where: str) -> str:

@@ -9,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from policyd.config import Limits
 from policyd.protocol import PolicyFactory, PolicyProtocol
@@ -579,3 +581,17 @@ def test_drain_while_waiting_answers_then_closes() -> None:
     harness.pending[0].callback("DUNNO last")
     assert transport.value() == b"action=DUNNO last\n\n"
     assert transport.disconnecting and len(harness.requests) == 1
+
+
+def test_connection_limit_closes_the_one_too_many() -> None:
+    """At limits.max_connections open connections the next is not built (Twisted closes it)
+    and reported as connection_limit; once one closes, a new one is built again."""
+    harness = Harness(Limits(max_connections=2))
+    first, _ = harness.connect()
+    harness.connect()
+    assert harness.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001)) is None
+    assert harness.errors == ["connection_limit"]
+    first.connectionLost(Failure(ConnectionDone()))
+    protocol, transport = harness.connect()
+    protocol.dataReceived(REQUEST)
+    assert transport.value() == b"action=DUNNO 1\n\n"

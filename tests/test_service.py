@@ -448,3 +448,52 @@ def test_thousand_idle_connections_do_not_stall_others(policyd: PolicydProcess) 
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_connection_limit_and_listen_backlog(tmp_path: Path) -> None:
+    """limits.max_connections: the connection one past it is closed at once (Postfix then takes
+    its default_action), counted, and the open ones keep answering; limits.listen_backlog is
+    the backlog the kernel reports for the listening socket."""
+    config = dict(BASE)
+    config["listen"] = {"metrics": f"inet:127.0.0.1:{free_port('127.0.0.1')}"}
+    config["limits"] = {"max_connections": 3, "listen_backlog": 300}
+    process = PolicydProcess(config, tmp_path)
+    process.start()
+    clients: list[PolicyClient] = []
+    try:
+        listening = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{process.port}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+        assert listening[0] == "LISTEN" and listening[2] == "300", listening
+        for _ in range(3):
+            clients.append(connect(process))
+            assert clients[-1].ask("192.0.2.7", "u@remote.example") == "action=OK"
+        extra = connect(process)
+        try:
+            assert extra.sock.recv(100) == b""  # closed by policyd without a word
+        finally:
+            extra.close()
+        line = process.wait_for_log("reason=connection_limit")
+        assert "action=close" in line
+        for client in clients:
+            assert client.ask("198.51.100.7", "u@remote.example").startswith("action=550")
+        text = scrape(process)
+        assert (
+            'policyd_protocol_errors_total{listener="policy",reason="connection_limit"} 1.0' in text
+        )
+        clients.pop().close()
+        # Once policyd has seen the close (its gauge says 2), a new connection is accepted.
+        deadline = time.monotonic() + 10
+        while 'policyd_connections{listener="policy"} 2.0' not in scrape(process):
+            assert time.monotonic() < deadline, "policyd never saw the connection close"
+            time.sleep(0.05)
+        clients.append(connect(process))
+        assert clients[-1].ask("192.0.2.7", "u@remote.example") == "action=OK"
+    finally:
+        for client in clients:
+            client.close()
+        process.stop()
