@@ -232,6 +232,10 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             return False
         if type(action) is not str:
             self._waiting = True
+            # Stop reading until it is answered: what a client pipelines meanwhile stays in
+            # the kernel's socket buffer (TCP flow control), not in _queued. Only the rest of
+            # the read in hand is framed and queued, so a connection holds at most one read.
+            self._connection.pauseProducing()
             action.addCallbacks(self._answered_later, self._handler_failed)
             return not self._failed
         self._reply(action)
@@ -250,6 +254,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 return
             if not self._answer(queued.pop(0)):
                 return
+        if not self._waiting:
+            self._connection.resumeProducing()
         if self.idle:
             self._idle_since = self._seconds()
 

@@ -595,3 +595,18 @@ def test_connection_limit_closes_the_one_too_many() -> None:
     protocol, transport = harness.connect()
     protocol.dataReceived(REQUEST)
     assert transport.value() == b"action=DUNNO 1\n\n"
+
+
+def test_reading_pauses_while_an_answer_waits() -> None:
+    """While an answer waits for I/O the connection stops reading (what a client pipelines
+    meanwhile stays in the kernel), and reads again once everything framed is answered."""
+    harness = DeferredHarness()
+    protocol, transport = harness.connect()
+    protocol.dataReceived(_numbered(1) + _numbered(2))
+    assert transport.producerState == "paused"
+    assert len(protocol._queued) == 1  # the rest of the read in hand, no more
+    harness.pending[0].callback("DUNNO first")
+    assert transport.producerState == "paused"  # the second waits now
+    harness.pending[1].callback("DUNNO second")
+    assert transport.producerState == "producing"
+    assert transport.value() == b"action=DUNNO first\n\naction=DUNNO second\n\n"
