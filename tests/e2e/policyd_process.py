@@ -210,6 +210,15 @@ class PolicydProcess:
                     f"--- log ---\n{self.log_text()}"
                 )
             time.sleep(0.05)
+        # The kernel accepts on the policy port as soon as policyd listens there, before it
+        # has made the control socket a moment later: wait for that too (bounded).
+        while self.control_path is not None and not self.control_path.exists():
+            if self.process.poll() is not None or time.monotonic() >= deadline:
+                raise PolicydError(
+                    f"policyd made no control socket {self.control_path} within {timeout}s\n"
+                    f"--- log ---\n{self.log_text()}"
+                )
+            time.sleep(0.01)
 
     @property
     def running(self) -> bool:
