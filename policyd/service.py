@@ -612,8 +612,9 @@ def write_tables(config: Config) -> TableWrite | None:
     return write_transport_table(settings, rows, source=config.source)
 
 
-def server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int = 50) -> IStreamServerEndpoint:
-    """The Twisted server endpoint for a Postfix-notation listening address."""
+def server_endpoint(reactor: Any, endpoint: Endpoint, backlog: int) -> IStreamServerEndpoint:
+    """The Twisted server endpoint for a Postfix-notation listening address, with the
+    kernel's accept queue ``backlog`` long (limits.listen_backlog)."""
     if endpoint.kind == "unix":
         return UNIXServerEndpoint(reactor, endpoint.path, backlog, mode=0o666, wantPID=True)  # type: ignore[no-untyped-call]
     if endpoint.is_ipv6:

@@ -122,7 +122,6 @@ def test_serve_refuses_to_start_with_exit_1(config_dir: Path) -> None:
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "POLICYD_TEST_PW": "unused"},
     )
     assert result.returncode == 1, result.stderr
     assert "configuration error: local_domains[1]: refusing an unsafe file:" in result.stderr

@@ -9,13 +9,15 @@ One private Postfix has two smtpd listeners that differ only in their relay rest
   then ``reject``: policyd's answer alone decides.
 
 Both know the same local domains and networks, each written in its own notation
-(``DIFFERENTIAL_POLICYD`` and ``postfix_settings``). A loopback session claims any client
+(``policyd_config`` and ``postfix_settings``). A loopback session claims any client
 address with XCLIENT and sends many recipients in one transaction (the error and recipient
 limits are raised), so both paths see exactly the same (client address, recipient) pairs,
-parsed by the same smtpd. Every pair gets an ``Outcome`` from each path.
+parsed by the same smtpd. Every pair gets an outcome from each path (``oracle_outcome``,
+``policyd_outcome``).
 
 ``generate_recipients`` and ``generate_clients`` build the pairs from every syntax Postfix
-accepts and every notation policyd accepts (see their docstrings); ``compare`` judges them.
+accepts and every notation policyd accepts (see their docstrings); ``judge`` in
+test_differential.py applies the rule of the comparison.
 """
 
 from __future__ import annotations
@@ -338,9 +340,6 @@ class Pair:
     # policyd's decision log entry for the request (its recipient is Postfix's internal
     # form), when policyd was asked.
     decision: dict[str, str] | None = None
-
-    def key(self) -> tuple[str, str]:
-        return self.client, self.recipient
 
 
 class DecisionLog:
